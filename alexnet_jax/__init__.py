@@ -1,0 +1,1 @@
+"""alexnet-jax: AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012) in JAX/Flax."""

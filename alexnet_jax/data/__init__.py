@@ -1,0 +1,30 @@
+"""Data sources, one module each; `make_source` picks one by `config.dataset`."""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from alexnet_jax.data.base import Batch, DatasetInfo, Source, pad_batch
+from alexnet_jax.errors import UsageError
+
+# dataset name -> (module, class); imported lazily so that the digits quickstart never pays
+# for importing TensorFlow.
+SOURCES = {
+    "digits": ("alexnet_jax.data.digits", "DigitsSource"),
+    "synthetic": ("alexnet_jax.data.synthetic", "SyntheticSource"),
+    "imagenet2012": ("alexnet_jax.data.imagenet", "ImageNetSource"),
+    "folder": ("alexnet_jax.data.folder", "FolderSource"),
+}
+
+
+def make_source(config: ml_collections.ConfigDict) -> Source:
+    """Builds the data source that `config.dataset` names."""
+    if config.dataset not in SOURCES:
+        raise UsageError(f"unknown dataset {config.dataset!r}; choose one of {sorted(SOURCES)}")
+    module, cls = SOURCES[config.dataset]
+    return getattr(importlib.import_module(module), cls)(config)
+
+
+__all__ = ["Batch", "DatasetInfo", "Source", "make_source", "pad_batch"]

@@ -1,0 +1,63 @@
+"""The interface every data source implements.
+
+A source yields *host* batches: numpy arrays holding this process's share of the global batch.
+`alexnet_jax.parallel` reshapes them to `(local_devices, per_device, ...)` and moves them to
+the devices. Sources never see devices, so each can be tested alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the training loop need to know about a dataset."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (height, width, channels) of the model input
+    num_examples: dict[str, int]  # keys 'train', 'val', 'test'
+    class_names: tuple[str, ...] | None = None
+
+
+class Source(Protocol):
+    """A dataset with a training stream and finite, exactly-counted evaluation splits."""
+
+    info: DatasetInfo
+
+    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        """Infinite stream of `{'image': float32 [B,H,W,C], 'label': int32 [B]}`.
+
+        `batch_size` is this process's share of the global batch. Item k of the stream is the
+        batch for step `start_step + k`, so a resumed run sees the data an uninterrupted run
+        would have seen.
+        """
+        ...
+
+    def eval_batches(self, split: str, batch_size: int, *, crops: int = 1) -> Iterator[Batch]:
+        """One pass over `split` ('val' or 'test'), this process's shard only.
+
+        Adds `'mask'` (bool [B]): the last batch is padded to `batch_size` and its padding is
+        masked out, so every example counts exactly once (Flax's ImageNet example drops the
+        remainder instead). With `crops=10`, `'image'` is `[B, 10, H, W, C]`.
+        """
+        ...
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+    """Pads every array of `batch` along axis 0 to `batch_size` and adds a `'mask'`."""
+    n = len(batch["label"])
+    if n > batch_size:
+        raise ValueError(f"batch of {n} is larger than {batch_size}")
+    out = {}
+    for key, value in batch.items():
+        pad = np.zeros((batch_size - n, *value.shape[1:]), value.dtype)
+        out[key] = np.concatenate([value, pad])
+    out["mask"] = np.arange(batch_size) < n
+    return out

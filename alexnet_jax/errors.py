@@ -1,0 +1,12 @@
+"""The one exception type the launcher turns into `exit 2` with a one-line message."""
+
+
+class UsageError(Exception):
+    """A problem the user can fix: a bad command line, config value or missing data.
+
+    The launcher prints `error: <message>` on stderr, without a traceback, and exits 2.
+    """
+
+
+class DataNotFoundError(UsageError):
+    """The dataset's files are not where the config says they are."""

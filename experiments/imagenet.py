@@ -1,0 +1,82 @@
+"""The paper's recipe on ILSVRC-2012 (Krizhevsky, Sutskever & Hinton, NIPS 2012).
+
+Command:
+    python launch.py experiments/imagenet.py --config.data.manual_dir=/path/to/tars
+
+Hardware and runtime: the paper took 5-6 days on two GTX 580s (90 epochs at about 230 img/s).
+Expected result: about 40.7 % top-1 / 18.2 % top-5 error with 10-crop evaluation on the official
+validation set (our test split), about 42 % / 19.5 % with a centre crop (REFERENCE.md).
+
+Small local mode (no ImageNet needed, checks the whole recipe end to end in a minute):
+    python launch.py experiments/imagenet.py --config.dataset=synthetic \
+        --config.batch_size=16 --config.num_train_steps=4 --config.eval_every_steps=0
+
+Every hyper-parameter of the run lives here; library code only reads these fields. Where the
+reference implementations disagree, the field says which convention the paper used and the
+README's deviations table lists the alternatives.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = "imagenet2012"  # 'imagenet2012' | 'folder' | 'digits' | 'synthetic'
+    c.batch_size = 128  # global, over all devices and processes (paper: 128)
+    c.num_epochs = 90  # paper: "roughly 90 cycles"
+    c.num_train_steps = 0  # > 0 overrides num_epochs
+    c.log_every_steps = 100
+    c.eval_every_steps = 10_000  # about one epoch at batch 128; drives the plateau schedule
+    c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 3
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "paper"  # 'paper' | 'torchvision' (single tower, 61,100,840 params)
+    c.model.num_classes = 1000
+    c.model.dropout_rate = 0.5  # on the outputs of fc6 and fc7 (paper section 4.2)
+    c.model.use_lrn = True
+    c.model.groups = 2  # the two GPU columns of conv2, conv4, conv5 (paper figure 2)
+    c.model.conv_features = (96, 256, 384, 384, 256)
+    c.model.dense_features = 4096
+    c.model.conv1_padding = 2  # 224 input -> 55x55 conv1 map; Caffe uses 227 input and 0
+    c.model.lrn_size = 5  # n
+    c.model.lrn_k = 2.0
+    c.model.lrn_alpha = 1e-4
+    c.model.lrn_beta = 0.75
+    c.model.lrn_scale_alpha_by_size = False  # paper as printed; cc2/Caffe/torch divide by n
+    c.model.lrn_before_relu = False  # paper: after ReLU; cc2 normalises conv1 before it
+    c.model.init = "paper"  # 'paper' | 'cc2' | 'caffe' | 'he'
+    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.update_rule = "paper"  # v <- m v - wd lr w - lr g; w <- w + v. 'optax_sgd': lr outside
+    c.optim.learning_rate = 0.01
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.decay_biases = False  # cc2 and Caffe exclude biases; the paper does not say
+    c.optim.schedule = "plateau"  # 'plateau' | 'step' | 'cosine' | 'constant'
+    c.optim.plateau_patience = 1  # evaluations without improvement before lr /= 10
+    c.optim.plateau_factor = 0.1
+    c.optim.plateau_max_drops = 3  # paper: "reduced three times prior to termination"
+    c.optim.plateau_min_delta = 0.0
+    c.optim.step_epochs = (30, 60, 80)  # for schedule='step'
+    c.optim.step_factor = 0.1
+    c.optim.warmup_epochs = 0.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.augment = True
+    c.data.data_dir = ""  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
+    c.data.manual_dir = ""  # where ILSVRC2012_img_{train,val}.tar are; '' = <data_dir>/downloads/manual
+    # big_vision's "minival": 1 % of train tunes everything; the official val set is the test set.
+    c.data.train_split = "train[:99%]"
+    c.data.val_split = "train[99%:]"
+    c.data.test_split = "validation"
+    c.data.image_size = 224
+    c.data.resize_size = 256  # shorter side, then the central square (paper section 2)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.crops = 1  # 1 = centre crop; 10 = four corners + centre and mirrors (paper)
+    c.eval.batch_size = 256
+    return c
