@@ -61,3 +61,26 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
         out[key] = np.concatenate([value, pad])
     out["mask"] = np.arange(batch_size) < n
     return out
+
+
+def eval_index_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
+    """This process's example indices for one pass over a split, in batches of `batch_size`.
+
+    Examples are dealt round-robin to processes. Every process gets the same number of batches
+    (the pmapped step is a collective, so all must call it equally often); slots past the end
+    hold -1, which sources turn into masked padding.
+    """
+    import jax  # the sources stay importable without initialising JAX at import time
+
+    pid, count = jax.process_index(), jax.process_count()
+    mine = np.arange(pid, num_examples, count)
+    per_process = -(-num_examples // count)
+    num_batches = max(-(-per_process // batch_size), 1)
+    padded = np.full(num_batches * batch_size, -1, np.int64)
+    padded[: len(mine)] = mine
+    return list(padded.reshape(num_batches, batch_size))
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """A fixed shuffle per (seed, epoch): the data order is a function of the step alone."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)

@@ -1,0 +1,118 @@
+"""The command line behind `launch.py`: parse, set up JAX, dispatch to a mode.
+
+    python launch.py EXPERIMENT.py[:ARG] [--workdir DIR] [--config.KEY=VALUE ...]
+                     [--mode MODE] [--dry_run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+
+from alexnet_jax import config as config_lib
+from alexnet_jax.errors import UsageError
+
+MODES = ("train", "eval", "test", "predict", "filters")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 already; make it one line, no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launch.py", description="Train and evaluate AlexNet from an experiment file.")
+    p.add_argument("experiment", help="EXPERIMENT.py[:ARG]")
+    p.add_argument("--workdir", help="default: runs/<experiment>[_<arg>]; an existing one resumes")
+    p.add_argument("--mode", default="train", choices=MODES)
+    p.add_argument("--dry_run", action="store_true", help="print the config and parameters, exit")
+    p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Splits `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides from the other flags."""
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{arg} needs a value: --config.{key}=VALUE")
+                i += 1
+                value = argv[i]
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return build_parser().parse_args(rest), overrides
+
+
+def default_workdir(spec: str) -> str:
+    path, arg = config_lib.split_spec(spec)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}_{arg}" if arg else name)
+
+
+def resolve_config(spec: str, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(spec)
+    config_lib.apply_overrides(config, overrides)
+    return config
+
+
+def dry_run(config: ml_collections.ConfigDict) -> None:
+    """Prints the resolved config and the per-layer parameter table; touches no data."""
+    from alexnet_jax.model import abstract_params, from_config, param_table
+
+    size = config.data.image_size
+    print(config.to_json_best_effort(indent=2, sort_keys=True))
+    rows = param_table(abstract_params(from_config(config.model), (size, size, 3)))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'parameter':<{width}}  {'shape':>20}  {'count':>12}")
+    for name, shape, count in rows:
+        print(f"{name:<{width}}  {str(shape):>20}  {count:>12,}")
+    print(f"Total parameters: {sum(r[2] for r in rows):,}")
+
+
+def run(argv: Sequence[str]) -> int:
+    args, overrides = parse_args(argv)
+    config = resolve_config(args.experiment, overrides)
+
+    from alexnet_jax import parallel  # imports JAX; after the cheap checks above
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    import jax
+
+    config_lib.validate(config, num_devices=jax.device_count())
+    if args.dry_run:
+        dry_run(config)
+        return 0
+    workdir = args.workdir or default_workdir(args.experiment)
+    if args.mode == "train":
+        from alexnet_jax.train import train_and_evaluate
+
+        train_and_evaluate(config, workdir)
+        return 0
+    raise UsageError(f"--mode {args.mode} is not available yet")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,144 @@
+"""Classification metrics, the metric writers (metrics.jsonl + TensorBoard) and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Per-example softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def top_k_error(scores: Array, labels: Array, k: int) -> Array:
+    """Per-example 1.0 where the label is not among the k highest scores (ties count as hits)."""
+    k = min(k, scores.shape[-1])
+    label_score = jnp.take_along_axis(scores, labels[:, None], axis=-1)
+    rank = jnp.sum(scores > label_score, axis=-1)  # how many classes beat the label
+    return (rank >= k).astype(jnp.float32)
+
+
+class MetricWriter:
+    """Appends to `metrics.jsonl` and TensorBoard; only the primary process writes anything.
+
+    One JSON object per line with at least `step` and `split` (DESIGN.md), so scripts and the
+    sweep tables read runs without TensorBoard. Lines are flushed at once: a killed run keeps
+    everything it logged.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb: dict[str, Any] = {}
+        self._workdir = workdir
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _to_python(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+        self._tensorboard(step, split, clean)
+
+    def _tensorboard(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        # tensorboardX writes the same event files as tf.summary without importing TensorFlow,
+        # which would add seconds to the start of every digits run.
+        if split not in self._tb:
+            from tensorboardX import SummaryWriter
+
+            self._tb[split] = SummaryWriter(os.path.join(self._workdir, "tb", split))
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb[split].add_scalar(key, value, int(step))
+        self._tb[split].flush()
+
+    def close(self) -> None:
+        for writer in self._tb.values():
+            writer.close()
+
+
+def _to_python(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    return value
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All lines of a workdir's metrics.jsonl (an empty list if there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A one-line terminal progress bar: step, loss, lr, img/s and the ETA."""
+
+    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True):
+        self.enabled = enabled
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            )
+
+    def update(self, step: int, **postfix: float) -> None:
+        if self._bar is None:
+            return
+        if postfix:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        self._bar.update(step - self._bar.n)  # redraws at most every `mininterval` seconds
+
+    def write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        elif self.enabled:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Throughput:
+    """Images/s over the steps since the last `reset`, excluding compilation.
+
+    The clock starts at the first `reset`, which the loop calls after the first step has
+    finished (it includes compiling) and again after every evaluation or checkpoint.
+    """
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def reset(self, step: int) -> None:
+        self._t0, self._step0 = time.perf_counter(), step
+
+    def images_per_sec(self, step: int) -> float | None:
+        if self._t0 is None or step <= self._step0:
+            return None
+        return (step - self._step0) * self.global_batch / (time.perf_counter() - self._t0)

@@ -1,0 +1,109 @@
+"""Data parallelism: device placement of batches and state, prefetching, and jax.distributed.
+
+The steps themselves stay pure per-device functions that take `axis_name`; this module only
+moves arrays. Since JAX 0.8, `jax.device_put_replicated`/`device_put_sharded` are gone: a
+leading device axis is placed with a `NamedSharding` over a one-axis mesh of the local devices,
+in the order `jax.pmap` expects.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from alexnet_jax.errors import UsageError
+
+AXIS = "batch"  # the pmap axis name used across the codebase
+
+
+def batch_sharding() -> jax.sharding.NamedSharding:
+    """Splits a leading axis of size `local_device_count` over the local devices."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+
+
+def per_device_batch(global_batch: int) -> int:
+    """The per-device batch; a clear error when the devices do not divide the global batch."""
+    n = jax.device_count()
+    if global_batch % n:
+        raise UsageError(
+            f"batch_size {global_batch} is not divisible by the {n} devices "
+            f"({jax.process_count()} process(es)); use a multiple of {n}"
+        )
+    return global_batch // n
+
+
+def shard(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """(B, ...) host arrays -> (local_devices, B / local_devices, ...) arrays on the devices."""
+    n = jax.local_device_count()
+
+    def put(x: np.ndarray) -> jax.Array:
+        if isinstance(x, jax.Array):  # made on the devices already (the synthetic source)
+            return x
+        return jax.device_put(np.asarray(x).reshape((n, -1, *x.shape[1:])), batch_sharding())
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def replicate(tree: Any) -> Any:
+    """A copy of every leaf on every local device, along a new leading axis."""
+    n = jax.local_device_count()
+    return jax.device_put(
+        jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree),
+        batch_sharding(),
+    )
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a replicated tree, as host-transferable arrays."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
+
+
+def prefetch(batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterator[dict[str, Any]]:
+    """Shards batches onto the devices `size` steps ahead of their use.
+
+    `device_put` is asynchronous, so the copy of batch t+1 overlaps the step on batch t (Flax's
+    `prefetch_to_device` does the same; 2 is enough to hide the copy on a GPU).
+    """
+    queue: collections.deque = collections.deque()
+    it = iter(batches)
+    for batch in itertools.islice(it, size):
+        queue.append(shard(batch))
+    while queue:
+        yield queue.popleft()
+        for batch in itertools.islice(it, 1):
+            queue.append(shard(batch))
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process JAX cluster; must run before any JAX computation.
+
+    With explicit flags, the cluster is formed over `coordinator_address`. Without them,
+    `jax.distributed.initialize()` is called only where JAX detects a cluster by itself (SLURM,
+    Cloud TPU, ...), so a plain single-machine run never waits for a coordinator.
+    """
+    explicit = coordinator_address is not None
+    if explicit and (num_processes is None or process_id is None):
+        raise UsageError("--coordinator_address needs --num_processes and --process_id")
+    if not explicit and not _cluster_detected():
+        return
+    # Gloo lets CPU processes (the tests, laptops) form a cluster; GPUs and TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def _cluster_detected() -> bool:
+    try:
+        from jax._src.clusters import ClusterEnv  # private, but what initialize() itself uses
+    except ImportError:  # pragma: no cover - a future JAX moved it; stay single-process
+        return False
+    return any(env.is_env_present() for env in ClusterEnv._cluster_types)

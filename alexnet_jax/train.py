@@ -1,0 +1,307 @@
+"""TrainState, the pure per-device train and eval steps, and the training loop.
+
+The steps are pure functions of their arguments that take `axis_name`; `jax.pmap` is applied in
+`make_steps`, not here, so the same functions run under any device count and in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+
+from alexnet_jax import checkpoint, optim, parallel
+from alexnet_jax.data import Source, make_source
+from alexnet_jax.errors import UsageError
+from alexnet_jax.metrics import MetricWriter, Progress, Throughput, cross_entropy, top_k_error
+from alexnet_jax.model import AlexNet, from_config
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; with the config it determines the run."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    plateau: optim.PlateauState
+
+
+def dropout_key(rng: Array, step: Array, axis_name: str) -> Array:
+    """fold_in(fold_in(rng, step), device): same seed and step -> same masks on each device,
+    a different step or device -> different masks (DESIGN.md)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(axis_name))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, Array],
+    rng: Array,
+    *,
+    model: AlexNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One SGD step on this device's part of the global batch; gradients are `pmean`ed."""
+    key = dropout_key(rng, state.step, axis_name)
+
+    def loss_fn(params):
+        logits = model.apply(
+            {"params": params}, batch["image"], train=True, rngs={"dropout": key}
+        )
+        return cross_entropy(logits, batch["label"]).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, axis_name)
+    lr = schedule(state.step) * state.plateau.scale
+    opt_state = optim.set_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "top1_error": top_k_error(logits, batch["label"], 1).mean(),
+        "top5_error": top_k_error(logits, batch["label"], 5).mean(),
+    }
+    metrics = lax.pmean(metrics, axis_name)
+    metrics |= {
+        "lr": lr,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any, batch: dict[str, Array], *, model: AlexNet, axis_name: str
+) -> dict[str, Array]:
+    """Sums of loss and errors over the unmasked examples of the global batch.
+
+    With a crop axis (`image` of shape [B, crops, H, W, C]) the softmax is averaged over the
+    crops, as the paper's 10-patch evaluation does (section 4.1).
+    """
+    images = batch["image"]
+    crops = images.shape[1] if images.ndim == 5 else 1
+    logits = model.apply({"params": params}, images.reshape((-1, *images.shape[-3:])), train=False)
+    probs = jax.nn.softmax(logits).reshape((-1, crops, logits.shape[-1])).mean(axis=1)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0] + 1e-12)
+    sums = {
+        "loss": nll * mask,
+        "top1_error": top_k_error(probs, labels, 1) * mask,
+        "top5_error": top_k_error(probs, labels, 5) * mask,
+        "count": mask,
+    }
+    return lax.psum(jax.tree_util.tree_map(jnp.sum, sums), axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The pmapped steps of one run."""
+
+    train: Callable[..., tuple[TrainState, dict[str, Array]]]
+    eval: Callable[..., dict[str, Array]]
+
+
+def make_steps(model: AlexNet, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Steps:
+    axis = parallel.AXIS
+    train = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name=axis)
+    evaluate_ = functools.partial(eval_step, model=model, axis_name=axis)
+    # The state is donated: its buffers are reused for the new state (one copy of the weights).
+    return Steps(
+        train=jax.pmap(train, axis_name=axis, donate_argnums=(0,)),
+        eval=jax.pmap(evaluate_, axis_name=axis),
+    )
+
+
+def create_state(
+    config: ml_collections.ConfigDict, model: AlexNet, image_shape: tuple[int, int, int]
+) -> tuple[TrainState, optax.GradientTransformation]:
+    """Initial host-side state; parameters come from `seed` alone."""
+    init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    params = jax.jit(lambda k: model.init(k, x, train=False)["params"])(init_key)
+    tx = optim.make_optimizer(config.optim, params)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        plateau=optim.plateau_init(),
+    )
+    return state, tx
+
+
+def dropout_base_key(seed: int) -> Array:
+    """The key every dropout mask is folded from; kept apart from the init key."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+
+def evaluate(
+    steps: Steps, params: Any, source: Source, split: str, config: ml_collections.ConfigDict
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 error over every example of `split` exactly once."""
+    batch = config.eval.batch_size
+    per_process = parallel.per_device_batch(batch) * jax.local_device_count()
+    totals: dict[str, float] = {}
+    for host_batch in parallel.prefetch(source.eval_batches(split, per_process, crops=config.eval.crops)):
+        sums = jax.device_get(parallel.unreplicate(steps.eval(params, host_batch)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = totals.pop("count", 0.0)
+    if count == 0:
+        raise UsageError(f"the {split} split is empty")
+    return {k: v / count for k, v in totals.items()} | {"num_examples": int(count), "crops": config.eval.crops}
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total steps); `num_train_steps > 0` overrides `num_epochs`."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    if config.num_train_steps > 0:
+        return steps_per_epoch, int(config.num_train_steps)
+    return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains, validates periodically, checkpoints, and evaluates the test split once at the end.
+
+    Running it again on the same workdir resumes from the latest checkpoint.
+    Returns the final training, validation and test metrics.
+    """
+    primary = jax.process_index() == 0
+    source = make_source(config)
+    info = source.info
+    if info.num_classes != config.model.num_classes:
+        raise UsageError(
+            f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} "
+            f"has {info.num_classes} classes"
+        )
+    model = from_config(config.model)
+    steps_per_epoch, total_steps = num_train_steps(config, info.num_examples["train"])
+    schedule = optim.make_schedule(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    state, tx = create_state(config, model, info.image_shape)
+    steps = make_steps(model, tx, schedule)
+
+    os.makedirs(workdir, exist_ok=True)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    writer = MetricWriter(workdir, enabled=primary)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(state)
+        print(f"Resuming {workdir} from step {start}.", flush=True)
+
+    rng = parallel.replicate(dropout_base_key(config.seed))
+    pstate = parallel.replicate(state)
+    per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
+    batches = source.train_batches(per_process, seed=config.seed, start_step=start)
+    progress = Progress(total_steps, start, enabled=primary)
+    timer = Throughput(config.batch_size)
+    train_metrics: dict[str, Any] = {}
+    val_metrics: dict[str, Any] = {}
+    step = start
+    t_start = time.time()
+    for batch in _take(parallel.prefetch(batches), total_steps - start):
+        pstate, metrics = steps.train(pstate, batch, rng)
+        step += 1
+        if step == start + 1:
+            jax.block_until_ready(metrics)
+            timer.reset(step)  # the first step compiled; images/s counts from here
+        if _every(step, config.log_every_steps) or step == total_steps:
+            train_metrics = {k: float(v) for k, v in jax.device_get(parallel.unreplicate(metrics)).items()}
+            ips = timer.images_per_sec(step)
+            if ips is not None:
+                train_metrics["images_per_sec"] = ips
+            train_metrics["epoch"] = step / steps_per_epoch
+            _check_finite(train_metrics, step)
+            writer.write(step, "train", train_metrics)
+            progress.update(
+                step, loss=train_metrics["loss"], lr=train_metrics["lr"], img_s=ips or 0.0
+            )
+        interrupted = False
+        if _every(step, config.eval_every_steps) or step == total_steps:
+            val_metrics = evaluate(steps, pstate.params, source, "val", config)
+            writer.write(step, "val", val_metrics)
+            progress.write(_format(step, "val", val_metrics))
+            pstate = _update_plateau(pstate, val_metrics["top1_error"], config.optim)
+            interrupted = True
+        if _every(step, config.checkpoint_every_steps) or step == total_steps:
+            ckpt.save(step, jax.device_get(parallel.unreplicate(pstate)))
+            interrupted = True
+        if interrupted:
+            timer.reset(step)
+    progress.close()
+    ckpt.close()
+
+    result: dict[str, Any] = {"train": train_metrics, "val": val_metrics}
+    if step < total_steps:
+        raise RuntimeError(f"the training data ran out at step {step} of {total_steps}")
+    if not val_metrics:  # resumed after the end: evaluate the restored state again
+        val_metrics = evaluate(steps, pstate.params, source, "val", config)
+        result["val"] = val_metrics
+    # The seed notes' discipline: the test split is evaluated once, after everything is fixed.
+    test_metrics = evaluate(steps, pstate.params, source, "test", config)
+    writer.write(step, "test", test_metrics)
+    writer.close()
+    result["test"] = test_metrics
+    wall = time.time() - t_start
+    if primary:
+        print(_format(step, "val", val_metrics), flush=True)
+        print(_format(step, "test", test_metrics), flush=True)
+        print(f"Trained {step - start} steps in {wall:.1f} s.", flush=True)
+    return result
+
+
+def _take(it: Iterable, n: int):
+    for i, item in enumerate(it):
+        if i >= n:
+            return
+        yield item
+
+
+def _update_plateau(pstate: TrainState, val_error: float, optim_config) -> TrainState:
+    if optim_config.schedule != "plateau":
+        return pstate
+    plateau = jax.device_get(parallel.unreplicate(pstate.plateau))
+    new = optim.plateau_update(
+        plateau,
+        val_error,
+        patience=optim_config.plateau_patience,
+        factor=optim_config.plateau_factor,
+        max_drops=optim_config.plateau_max_drops,
+        min_delta=optim_config.plateau_min_delta,
+    )
+    return pstate.replace(plateau=parallel.replicate(new))
+
+
+def _check_finite(metrics: dict[str, float], step: int) -> None:
+    if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+        raise FloatingPointError(f"non-finite loss or gradient at step {step}: {json.dumps(metrics)}")
+
+
+def _format(step: int, split: str, m: dict[str, Any]) -> str:
+    return (
+        f"step {step} {split}: loss {m['loss']:.4f}  top-1 error {100 * m['top1_error']:.2f} %  "
+        f"top-5 error {100 * m['top5_error']:.2f} %  ({m['num_examples']} examples, "
+        f"{m['crops']} crop{'s' if m['crops'] > 1 else ''})"
+    )
