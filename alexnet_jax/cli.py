@@ -1,7 +1,7 @@
 """The command line behind `launch.py`: parse, set up JAX, dispatch to a mode.
 
-    python launch.py EXPERIMENT.py[:ARG] [--workdir DIR] [--config.KEY=VALUE ...]
-                     [--mode MODE] [--dry_run]
+python launch.py EXPERIMENT.py[:ARG] [--workdir DIR] [--config.KEY=VALUE ...]
+                 [--mode MODE] [--dry_run]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config."):
-            key, sep, value = arg[len("--config."):].partition("=")
+            key, sep, value = arg[len("--config.") :].partition("=")
             if not sep:
                 if i + 1 >= len(argv):
                     raise UsageError(f"{arg} needs a value: --config.{key}=VALUE")
@@ -80,7 +80,7 @@ def dry_run(config: ml_collections.ConfigDict) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n{'parameter':<{width}}  {'shape':>20}  {'count':>12}")
     for name, shape, count in rows:
-        print(f"{name:<{width}}  {str(shape):>20}  {count:>12,}")
+        print(f"{name:<{width}}  {shape!s:>20}  {count:>12,}")
     print(f"Total parameters: {sum(r[2] for r in rows):,}")
 
 

@@ -76,9 +76,7 @@ def _parse(text: str, current: Any, key: str) -> Any:
     if isinstance(current, tuple) and isinstance(value, (list, int, float)):
         value = tuple(value) if isinstance(value, list) else (value,)
     if current is not None and not isinstance(value, type(current)):
-        raise UsageError(
-            f"--config.{key} expects a {type(current).__name__}, got {text!r}"
-        )
+        raise UsageError(f"--config.{key} expects a {type(current).__name__}, got {text!r}")
     return value
 
 

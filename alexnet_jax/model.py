@@ -1,4 +1,4 @@
-"""AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012, section 3 and figure 2) as a pure linen module.
+"""AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012, section 3, figure 2) as a pure linen module.
 
 Everything on which reference implementations disagree (LRN alpha convention and position,
 initialisation, conv1 padding for 224 vs 227 inputs, dropout placement) is a field whose default is
@@ -165,9 +165,7 @@ class AlexNet(nn.Module):
 
     def _dense(self, name: str, features: int) -> nn.Dense:
         kinit, binit = _inits(self.init_scheme, name)
-        return nn.Dense(
-            features, dtype=self.dtype, kernel_init=kinit, bias_init=binit, name=name
-        )
+        return nn.Dense(features, dtype=self.dtype, kernel_init=kinit, bias_init=binit, name=name)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -226,8 +224,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _CONFIG_FIELDS = (
-    "num_classes", "dropout_rate", "use_lrn", "groups", "conv_features", "dense_features",
-    "conv1_padding", "lrn_size", "lrn_k", "lrn_alpha", "lrn_beta", "lrn_scale_alpha_by_size",
+    "num_classes",
+    "dropout_rate",
+    "use_lrn",
+    "groups",
+    "conv_features",
+    "dense_features",
+    "conv1_padding",
+    "lrn_size",
+    "lrn_k",
+    "lrn_alpha",
+    "lrn_beta",
+    "lrn_scale_alpha_by_size",
     "lrn_before_relu",
 )
 

@@ -51,7 +51,9 @@ def optax_sgd(
 UPDATE_RULES = {"paper": paper_sgd, "optax_sgd": optax_sgd}
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+def make_optimizer(
+    optim_config: ml_collections.ConfigDict, params: Any
+) -> optax.GradientTransformation:
     """The update rule with an injectable `learning_rate` (set by the train step every step)."""
     if optim_config.update_rule not in UPDATE_RULES:
         raise ValueError(f"unknown update_rule {optim_config.update_rule!r}")
@@ -81,13 +83,13 @@ def make_schedule(
     Each can start with a linear warmup of `warmup_epochs`.
     """
     lr = optim_config.learning_rate
-    warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
+    warmup = round(optim_config.warmup_epochs * steps_per_epoch)
     kind = optim_config.schedule
     if kind in ("plateau", "constant"):
         main = optax.constant_schedule(lr)
     elif kind == "step":
         boundaries = {
-            int(round(e * steps_per_epoch)) - warmup: optim_config.step_factor
+            round(e * steps_per_epoch) - warmup: optim_config.step_factor
             for e in optim_config.step_epochs
         }
         main = optax.piecewise_constant_schedule(lr, boundaries)

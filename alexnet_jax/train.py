@@ -61,9 +61,7 @@ def train_step(
     key = dropout_key(rng, state.step, axis_name)
 
     def loss_fn(params):
-        logits = model.apply(
-            {"params": params}, batch["image"], train=True, rngs={"dropout": key}
-        )
+        logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": key})
         return cross_entropy(logits, batch["label"]).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -158,14 +156,19 @@ def evaluate(
     batch = config.eval.batch_size
     per_process = parallel.per_device_batch(batch) * jax.local_device_count()
     totals: dict[str, float] = {}
-    for host_batch in parallel.prefetch(source.eval_batches(split, per_process, crops=config.eval.crops)):
+    for host_batch in parallel.prefetch(
+        source.eval_batches(split, per_process, crops=config.eval.crops)
+    ):
         sums = jax.device_get(parallel.unreplicate(steps.eval(params, host_batch)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = totals.pop("count", 0.0)
     if count == 0:
         raise UsageError(f"the {split} split is empty")
-    return {k: v / count for k, v in totals.items()} | {"num_examples": int(count), "crops": config.eval.crops}
+    return {k: v / count for k, v in totals.items()} | {
+        "num_examples": int(count),
+        "crops": config.eval.crops,
+    }
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
@@ -173,7 +176,7 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
     steps_per_epoch = max(num_train_examples // config.batch_size, 1)
     if config.num_train_steps > 0:
         return steps_per_epoch, int(config.num_train_steps)
-    return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+    return steps_per_epoch, round(config.num_epochs * steps_per_epoch)
 
 
 def _every(step: int, interval: int) -> bool:
@@ -196,7 +199,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     model = from_config(config.model)
     steps_per_epoch, total_steps = num_train_steps(config, info.num_examples["train"])
-    schedule = optim.make_schedule(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    schedule = optim.make_schedule(
+        config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
     state, tx = create_state(config, model, info.image_shape)
     steps = make_steps(model, tx, schedule)
 
@@ -228,7 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             jax.block_until_ready(metrics)
             timer.reset(step)  # the first step compiled; images/s counts from here
         if _every(step, config.log_every_steps) or step == total_steps:
-            train_metrics = {k: float(v) for k, v in jax.device_get(parallel.unreplicate(metrics)).items()}
+            train_metrics = {
+                k: float(v) for k, v in jax.device_get(parallel.unreplicate(metrics)).items()
+            }
             ips = timer.images_per_sec(step)
             if ips is not None:
                 train_metrics["images_per_sec"] = ips
@@ -296,7 +303,9 @@ def _update_plateau(pstate: TrainState, val_error: float, optim_config) -> Train
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:
     if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-        raise FloatingPointError(f"non-finite loss or gradient at step {step}: {json.dumps(metrics)}")
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step}: {json.dumps(metrics)}"
+        )
 
 
 def _format(step: int, split: str, m: dict[str, Any]) -> str:

@@ -68,7 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.augment = True
     c.data.data_dir = ""  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
-    c.data.manual_dir = ""  # where ILSVRC2012_img_{train,val}.tar are; '' = <data_dir>/downloads/manual
+    c.data.manual_dir = (
+        ""  # where ILSVRC2012_img_{train,val}.tar are; '' = <data_dir>/downloads/manual
+    )
     # big_vision's "minival": 1 % of train tunes everything; the official val set is the test set.
     c.data.train_split = "train[:99%]"
     c.data.val_split = "train[99%:]"

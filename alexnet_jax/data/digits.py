@@ -38,8 +38,8 @@ class DigitsSource:
         images = digits.images.astype(np.float32) / 16.0
         labels = digits.target.astype(np.int32)
         order = np.random.default_rng(data.split_seed).permutation(len(labels))
-        n_test = int(round(data.test_fraction * len(labels)))
-        n_val = int(round(data.val_fraction * len(labels)))
+        n_test = round(data.test_fraction * len(labels))
+        n_val = round(data.val_fraction * len(labels))
         parts = {
             "test": order[:n_test],
             "val": order[n_test : n_test + n_val],
@@ -72,12 +72,16 @@ class DigitsSource:
         global_batch = batch_size * count
         steps_per_epoch = len(labels) // global_batch
         if steps_per_epoch == 0:
-            raise ValueError(f"global batch {global_batch} exceeds the {len(labels)} training images")
+            raise ValueError(
+                f"global batch {global_batch} exceeds the {len(labels)} training images"
+            )
         step = start_step
         while True:
             epoch, i = divmod(step, steps_per_epoch)
             perm = epoch_permutation(len(labels), seed, epoch)
-            idx = perm[i * global_batch : (i + 1) * global_batch][pid * batch_size : (pid + 1) * batch_size]
+            idx = perm[i * global_batch : (i + 1) * global_batch][
+                pid * batch_size : (pid + 1) * batch_size
+            ]
             gray = images[idx]
             if self._augment:
                 gray = self._random_crop(gray, np.random.default_rng([seed, step, 7]))
@@ -90,7 +94,10 @@ class DigitsSource:
         max_off = gray.shape[1] - self._size
         offs = rng.integers(0, max_off + 1, size=(len(gray), 2))
         return np.stack(
-            [g[y : y + self._size, x : x + self._size] for g, (y, x) in zip(gray, offs, strict=True)]
+            [
+                g[y : y + self._size, x : x + self._size]
+                for g, (y, x) in zip(gray, offs, strict=True)
+            ]
         )
 
     def eval_batches(self, split: str, batch_size: int, *, crops: int = 1) -> Iterator[Batch]:

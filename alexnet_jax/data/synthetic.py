@@ -21,7 +21,11 @@ class SyntheticSource:
             num_classes=self._num_classes,
             image_shape=(size, size, 3),
             # An ImageNet-sized epoch, so that epoch-based schedules behave as on ImageNet.
-            num_examples={"train": 1_281_167, "val": self._eval_examples, "test": self._eval_examples},
+            num_examples={
+                "train": 1_281_167,
+                "val": self._eval_examples,
+                "test": self._eval_examples,
+            },
         )
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
