@@ -54,6 +54,10 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _a(name: str) -> str:
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
 def _parse(text: str, current: Any, key: str) -> Any:
     """Parses `text` as the type of the field's current value."""
     if isinstance(current, bool):
@@ -69,14 +73,14 @@ def _parse(text: str, current: Any, key: str) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         raise UsageError(
-            f"--config.{key} expects a {type(current).__name__}, got {text!r}"
+            f"--config.{key} expects {_a(type(current).__name__)}, got {text!r}"
         ) from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, (list, int, float)):
         value = tuple(value) if isinstance(value, list) else (value,)
     if current is not None and not isinstance(value, type(current)):
-        raise UsageError(f"--config.{key} expects a {type(current).__name__}, got {text!r}")
+        raise UsageError(f"--config.{key} expects {_a(type(current).__name__)}, got {text!r}")
     return value
 
 

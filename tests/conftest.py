@@ -6,6 +6,6 @@ This must run before JAX initialises its backends, hence at import time of the c
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import chex  # noqa: E402
+import chex
 
 chex.set_n_cpu_devices(4)  # sets XLA_FLAGS; must happen before JAX initialises a backend
