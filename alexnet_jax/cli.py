@@ -2,6 +2,7 @@
 
 python launch.py EXPERIMENT.py[:ARG] [--workdir DIR] [--config.KEY=VALUE ...]
                  [--mode MODE] [--dry_run]
+python launch.py SWEEP.py[:ARG] [...] [--sweep_index I | --sweep_list] [--sweep_seeds N]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from alexnet_jax import config as config_lib
-from alexnet_jax.errors import UsageError
+from alexnet_jax.errors import NonFiniteError, Preempted, UsageError
 
 MODES = ("train", "eval", "test", "predict", "filters")
 
@@ -33,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
+    # Evaluation modes (alexnet_jax/evaluate.py).
+    p.add_argument("--force_test", action="store_true", help="--mode test on a tested workdir")
+    p.add_argument("--image", nargs="+", default=[], metavar="PATH", help="for --mode predict")
+    p.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="for eval/test/predict/filters: 'latest', 'best' (validation) or a step",
+    )
+    # Sweeps (an experiment file that defines sweep(arg=None); see alexnet_jax/sweep.py).
+    p.add_argument("--sweep_index", type=int, help="run only point I (e.g. $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--sweep_list", action="store_true", help="print one command per point, exit")
+    p.add_argument("--sweep_seeds", type=int, help="run each point with N seeds: seed, seed+1, ...")
     return p
 
 
@@ -86,6 +99,13 @@ def dry_run(config: ml_collections.ConfigDict) -> None:
 
 def run(argv: Sequence[str]) -> int:
     args, overrides = parse_args(argv)
+    module = config_lib.load_module(config_lib.split_spec(args.experiment)[0])
+    if hasattr(module, "sweep"):
+        from alexnet_jax import sweep
+
+        return sweep.run_from_args(args, overrides, module, default_workdir(args.experiment))
+    if args.sweep_index is not None or args.sweep_list or args.sweep_seeds is not None:
+        raise UsageError("--sweep_* flags need an experiment that defines sweep(arg=None)")
     config = resolve_config(args.experiment, overrides)
 
     from alexnet_jax import parallel  # imports JAX; after the cheap checks above
@@ -103,7 +123,22 @@ def run(argv: Sequence[str]) -> int:
 
         train_and_evaluate(config, workdir)
         return 0
-    raise UsageError(f"--mode {args.mode} is not available yet")
+    return run_mode(args, config, workdir)
+
+
+def run_mode(args: argparse.Namespace, config: ml_collections.ConfigDict, workdir: str) -> int:
+    """The modes that read a trained workdir: eval, test, predict, filters."""
+    from alexnet_jax import evaluate, filters
+
+    if args.mode == "eval":
+        evaluate.run_eval(config, workdir, checkpoint=args.checkpoint)
+    elif args.mode == "test":
+        evaluate.run_test(config, workdir, force=args.force_test, checkpoint=args.checkpoint)
+    elif args.mode == "predict":
+        evaluate.run_predict(config, workdir, args.image, checkpoint=args.checkpoint)
+    elif args.mode == "filters":
+        filters.run_filters(config, workdir, checkpoint=args.checkpoint)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,6 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        # 128 + SIGTERM, what a killed process reports, so that wrappers see an unfinished run.
+        print(str(e), file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,3 +10,11 @@ class UsageError(Exception):
 
 class DataNotFoundError(UsageError):
     """The dataset's files are not where the config says they are."""
+
+
+class NonFiniteError(Exception):
+    """The loss or the gradient stopped being finite; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""

@@ -37,13 +37,27 @@ class MetricWriter:
     everything it logged.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb: dict[str, Any] = {}
         self._workdir = workdir
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            if resume_step is not None:  # a training run (re)starting at `resume_step`
+                self._drop_lines_after(resume_step)
+
+    def _drop_lines_after(self, step: int) -> None:
+        """On resume, forget train/val lines of steps that the run is about to redo.
+
+        A run killed after its last checkpoint logged steps that the resumed run repeats
+        (identically); dropping them keeps metrics.jsonl the log of one uninterrupted run.
+        """
+        lines = read_metrics(self._workdir)
+        keep = [m for m in lines if m["split"] not in ("train", "val") or m["step"] <= step]
+        if len(keep) != len(lines):
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in keep)
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -52,6 +66,11 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
         self._tensorboard(step, split, clean)
+
+    def write_scalars(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        """TensorBoard only: per-layer diagnostics that would crowd metrics.jsonl."""
+        if self.enabled:
+            self._tensorboard(step, split, scalars)
 
     def _tensorboard(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         # tensorboardX writes the same event files as tf.summary without importing TensorFlow,

@@ -147,3 +147,23 @@ def plateau_update(
         num_bad=jnp.where(drop, 0, num_bad),
         num_drops=state.num_drops + drop.astype(jnp.int32),
     )
+
+
+def last_update(opt_state: Any, update_rule: str) -> Any:
+    """The update applied at the last step, read from the momentum buffer (no extra work).
+
+    Paper rule: the update is the velocity itself (w <- w + v). optax_sgd: -lr * velocity.
+    """
+    traces = [
+        s.trace
+        for s in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState)
+        )
+        if isinstance(s, optax.TraceState)
+    ]
+    if len(traces) != 1:
+        raise ValueError("expected exactly one momentum buffer in the optimiser state")
+    if update_rule == "paper":
+        return traces[0]
+    lr = opt_state.hyperparams["learning_rate"]
+    return jax.tree_util.tree_map(lambda v: -lr * v, traces[0])

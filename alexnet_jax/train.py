@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -23,8 +22,9 @@ import optax
 from jax import lax
 
 from alexnet_jax import checkpoint, optim, parallel
+from alexnet_jax import evaluate as evaluation
 from alexnet_jax.data import Source, make_source
-from alexnet_jax.errors import UsageError
+from alexnet_jax.errors import NonFiniteError, Preempted, UsageError
 from alexnet_jax.metrics import MetricWriter, Progress, Throughput, cross_entropy, top_k_error
 from alexnet_jax.model import AlexNet, from_config
 
@@ -77,6 +77,7 @@ def train_step(
     }
     metrics = lax.pmean(metrics, axis_name)
     metrics |= {
+        "finite": jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads)),
         "lr": lr,
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(params),
@@ -186,8 +187,8 @@ def _every(step: int, interval: int) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, validates periodically, checkpoints, and evaluates the test split once at the end.
 
-    Running it again on the same workdir resumes from the latest checkpoint.
-    Returns the final training, validation and test metrics.
+    Running it again on the same workdir resumes from the latest checkpoint and continues
+    exactly as an uninterrupted run would. Returns the final train, validation, test metrics.
     """
     primary = jax.process_index() == 0
     source = make_source(config)
@@ -206,69 +207,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps = make_steps(model, tx, schedule)
 
     os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start, state = checkpoint.resume(ckpt, state, config, workdir)
+    if start and primary:
+        print(f"Resuming {workdir} from step {start} of {total_steps}.", flush=True)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    writer = MetricWriter(workdir, enabled=primary)
-    start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(state)
-        print(f"Resuming {workdir} from step {start}.", flush=True)
-
-    rng = parallel.replicate(dropout_base_key(config.seed))
-    pstate = parallel.replicate(state)
-    per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
-    batches = source.train_batches(per_process, seed=config.seed, start_step=start)
-    progress = Progress(total_steps, start, enabled=primary)
-    timer = Throughput(config.batch_size)
-    train_metrics: dict[str, Any] = {}
-    val_metrics: dict[str, Any] = {}
-    step = start
+    writer = MetricWriter(workdir, enabled=primary, resume_step=start)
+    loop = _Loop(config, source, steps, ckpt, writer, steps_per_epoch, total_steps, primary)
     t_start = time.time()
-    for batch in _take(parallel.prefetch(batches), total_steps - start):
-        pstate, metrics = steps.train(pstate, batch, rng)
-        step += 1
-        if step == start + 1:
-            jax.block_until_ready(metrics)
-            timer.reset(step)  # the first step compiled; images/s counts from here
-        if _every(step, config.log_every_steps) or step == total_steps:
-            train_metrics = {
-                k: float(v) for k, v in jax.device_get(parallel.unreplicate(metrics)).items()
-            }
-            ips = timer.images_per_sec(step)
-            if ips is not None:
-                train_metrics["images_per_sec"] = ips
-            train_metrics["epoch"] = step / steps_per_epoch
-            _check_finite(train_metrics, step)
-            writer.write(step, "train", train_metrics)
-            progress.update(
-                step, loss=train_metrics["loss"], lr=train_metrics["lr"], img_s=ips or 0.0
-            )
-        interrupted = False
-        if _every(step, config.eval_every_steps) or step == total_steps:
-            val_metrics = evaluate(steps, pstate.params, source, "val", config)
-            writer.write(step, "val", val_metrics)
-            progress.write(_format(step, "val", val_metrics))
-            pstate = _update_plateau(pstate, val_metrics["top1_error"], config.optim)
-            interrupted = True
-        if _every(step, config.checkpoint_every_steps) or step == total_steps:
-            ckpt.save(step, jax.device_get(parallel.unreplicate(pstate)))
-            interrupted = True
-        if interrupted:
-            timer.reset(step)
-    progress.close()
-    ckpt.close()
+    try:
+        pstate, step = loop.run(parallel.replicate(state), start)
+    finally:
+        loop.progress.close()
+        ckpt.close()
 
-    result: dict[str, Any] = {"train": train_metrics, "val": val_metrics}
-    if step < total_steps:
-        raise RuntimeError(f"the training data ran out at step {step} of {total_steps}")
+    result: dict[str, Any] = {"train": loop.train_metrics, "val": loop.val_metrics}
+    val_metrics = loop.val_metrics
     if not val_metrics:  # resumed after the end: evaluate the restored state again
         val_metrics = evaluate(steps, pstate.params, source, "val", config)
         result["val"] = val_metrics
-    # The seed notes' discipline: the test split is evaluated once, after everything is fixed.
-    test_metrics = evaluate(steps, pstate.params, source, "test", config)
-    writer.write(step, "test", test_metrics)
+    # The seed notes' discipline: the test split is evaluated once, after everything is fixed;
+    # evaluation.final_test records it in the test ledger (and a rerun does not look again).
+    test_metrics = evaluation.final_test(
+        lambda: evaluate(steps, pstate.params, source, "test", config),
+        workdir,
+        step,
+        config,
+        writer,
+    )
     writer.close()
     result["test"] = test_metrics
     wall = time.time() - t_start
@@ -276,7 +244,144 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         print(_format(step, "val", val_metrics), flush=True)
         print(_format(step, "test", test_metrics), flush=True)
         print(f"Trained {step - start} steps in {wall:.1f} s.", flush=True)
+    evaluation.write_summary(
+        workdir, last_step=step, first_step=start, wall_s=wall, test=test_metrics
+    )
     return result
+
+
+class _Loop:
+    """The step loop and what happens between steps: logging, validation, checkpoints.
+
+    The loop never waits for the devices except at log, eval and save points: each step's
+    finiteness flag stays on the device until the next of those (the NaN guard is free).
+    """
+
+    def __init__(self, config, source, steps, ckpt, writer, steps_per_epoch, total_steps, primary):
+        self.config, self.source, self.steps, self.ckpt, self.writer = (
+            config,
+            source,
+            steps,
+            ckpt,
+            writer,
+        )
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.progress = Progress(total_steps, enabled=primary)
+        self.timer = Throughput(config.batch_size)
+        self.train_metrics: dict[str, Any] = {}
+        self.val_metrics: dict[str, Any] = {}
+        self._unchecked: list[tuple[int, Array]] = []  # (step, finite flag) not yet looked at
+        self._last_saved: int | None = None
+        self._val_step: int | None = None
+
+    def run(self, pstate: TrainState, start: int) -> tuple[TrainState, int]:
+        config = self.config
+        self.progress.update(start)
+        self._last_saved = start or None
+        rng = parallel.replicate(dropout_base_key(config.seed))
+        per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
+        batches = self.source.train_batches(per_process, seed=config.seed, start_step=start)
+        step = start
+        with checkpoint.sigterm_requested() as sigterm:
+            for batch in _take(parallel.prefetch(batches), self.total_steps - start):
+                pstate, metrics = self.steps.train(pstate, batch, rng)
+                step += 1
+                self._unchecked.append((step, metrics["finite"]))
+                if step == start + 1:
+                    jax.block_until_ready(metrics)
+                    self.timer.reset(step)  # the first step compiled; img/s counts from here
+                last = step == self.total_steps
+                paused = False
+                if _every(step, config.log_every_steps) or last:
+                    self._log(step, metrics)
+                if _every(step, config.eval_every_steps) or last:
+                    pstate = self._validate(step, pstate)
+                    paused = True
+                if _every(step, config.checkpoint_every_steps) or last or sigterm():
+                    self._save(step, pstate)
+                    paused = True
+                if sigterm():
+                    self.ckpt.wait()
+                    raise Preempted(
+                        f"SIGTERM at step {step}: checkpoint saved; run the same command to resume"
+                    )
+                if paused:
+                    self.timer.reset(step)
+        if step < self.total_steps:
+            raise RuntimeError(f"the training data ran out at step {step} of {self.total_steps}")
+        return pstate, step
+
+    def _check_finite(self) -> None:
+        """Raises NonFiniteError naming the first step whose loss or gradient was not finite."""
+        if not self._unchecked:
+            return
+        flags = jax.device_get([flag for _, flag in self._unchecked])
+        bad = [s for (s, _), ok in zip(self._unchecked, flags, strict=True) if not np.all(ok)]
+        self._unchecked = []
+        if bad:
+            self.ckpt.wait()
+            kept = f"step {self._last_saved}" if self._last_saved else "none yet"
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad[0]}; training stopped. "
+                f"Last good checkpoint: {kept} (in {self.ckpt.directory})."
+            )
+
+    def _log(self, step: int, metrics: dict[str, Array]) -> None:
+        self._check_finite()
+        m = {k: float(v) for k, v in jax.device_get(parallel.unreplicate(metrics)).items()}
+        del m["finite"]
+        ips = self.timer.images_per_sec(step)
+        if ips is not None:
+            m["images_per_sec"] = ips
+        m["epoch"] = step / self.steps_per_epoch
+        self.train_metrics = m
+        self.writer.write(step, "train", m)
+        self.progress.update(step, loss=m["loss"], lr=m["lr"], img_s=ips or 0.0)
+
+    def _validate(self, step: int, pstate: TrainState) -> TrainState:
+        self._check_finite()
+        self.val_metrics = evaluate(self.steps, pstate.params, self.source, "val", self.config)
+        self._val_step = step
+        self.writer.write(step, "val", self.val_metrics)
+        self.progress.write(_format(step, "val", self.val_metrics))
+        table = layer_norms(parallel.unreplicate(pstate), self.config.optim.update_rule)
+        self.writer.write_scalars(step, "layers", _flatten_table(table))
+        self.progress.write(format_layer_table(table))
+        return _update_plateau(pstate, self.val_metrics["top1_error"], self.config.optim)
+
+    def _save(self, step: int, pstate: TrainState) -> None:
+        self._check_finite()  # never write a checkpoint with NaNs in it
+        val = self.val_metrics["top1_error"] if self._val_step == step else None
+        host_state = jax.device_get(parallel.unreplicate(pstate))
+        self.ckpt.save(step, host_state, checkpoint.make_meta(self.config, step), val)
+        self._last_saved = step
+
+
+def layer_norms(state: TrainState, update_rule: str) -> dict[str, dict[str, float]]:
+    """Per layer: the weight norm and |last update| / |weight|, as cuda-convnet2 printed them.
+
+    A healthy ratio is around 1e-3 (Karpathy's rule of thumb); far above, the lr is too high
+    for that layer; far below, it is not learning. The last update is read from the momentum
+    buffer, so this costs no extra work in the step.
+    """
+    update = optim.last_update(state.opt_state, update_rule)
+    table = {}
+    for layer, leaves in state.params.items():
+        w = float(optax.global_norm(leaves["kernel"]))
+        u = float(optax.global_norm(update[layer]["kernel"]))
+        table[layer] = {"weight_norm": w, "update_ratio": u / max(w, 1e-12)}
+    return table
+
+
+def format_layer_table(table: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'layer':<8}{'|w|':>12}{'|dw|/|w|':>12}"]
+    for layer, row in table.items():
+        lines.append(f"{layer:<8}{row['weight_norm']:>12.4g}{row['update_ratio']:>12.3g}")
+    return "\n".join(lines)
+
+
+def _flatten_table(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{layer}/{k}": v for layer, row in table.items() for k, v in row.items()}
 
 
 def _take(it: Iterable, n: int):
@@ -299,13 +404,6 @@ def _update_plateau(pstate: TrainState, val_error: float, optim_config) -> Train
         min_delta=optim_config.plateau_min_delta,
     )
     return pstate.replace(plateau=parallel.replicate(new))
-
-
-def _check_finite(metrics: dict[str, float], step: int) -> None:
-    if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step}: {json.dumps(metrics)}"
-        )
 
 
 def _format(step: int, split: str, m: dict[str, Any]) -> str:

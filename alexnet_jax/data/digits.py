@@ -64,6 +64,26 @@ class DigitsSource:
         off = (gray.shape[1] - self._size) // 2
         return gray[:, off : off + self._size, off : off + self._size]
 
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """One image file's pixels (uint8 [H, W] or [H, W, C]) -> the eval input [H', W', 3].
+
+        The eval pipeline of the data itself: grayscale in [0, 1], the central square upsampled
+        to `data.resize_size`, the centre crop, minus the train mean. The digits are bright
+        strokes on a dark ground, so an image with a bright border (ink on paper) is inverted.
+        """
+        gray = np.asarray(image, np.float32)
+        if gray.ndim == 3:
+            gray = gray[..., :3].mean(axis=-1)
+        gray = gray / 255.0
+        h, w = gray.shape
+        side = min(h, w)
+        gray = gray[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        if border.mean() > 0.5:
+            gray = 1.0 - gray
+        resized = _upsample(gray[None], self._images["train"].shape[1])
+        return self._rgb(self._centre(resized))[0]
+
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
         import jax
 
