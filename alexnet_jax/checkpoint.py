@@ -28,16 +28,15 @@ from alexnet_jax.errors import UsageError
 
 # Keys that may differ on resume: they cannot change the numbers a run produces (logging and
 # saving intervals, where the data lives), or they extend the run (the issue's "may be extended").
-RESUMABLE_CHANGES = (
+HARMLESS_CHANGES = (
     "log_every_steps",
     "checkpoint_every_steps",
     "keep_checkpoints",
-    "num_train_steps",
-    "num_epochs",
     "eval.batch_size",
     "data.data_dir",
     "data.manual_dir",
 )
+RESUMABLE_CHANGES = (*HARMLESS_CHANGES, "num_train_steps", "num_epochs")
 
 
 def _val_error(metrics: dict[str, float]) -> float:
@@ -144,14 +143,22 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """'key: old -> new' for every result-changing difference between two configs."""
+def config_changes(
+    saved: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    allowed: tuple[str, ...] = RESUMABLE_CHANGES,
+) -> list[str]:
+    """'key: old -> new' for every result-changing difference between two configs.
+
+    Only keys that both configs have are compared: a field added to the code since the run
+    started defaults to the old behaviour, and must not lock old workdirs.
+    """
     old = _flatten(saved)
     new = _flatten(json.loads(config.to_json_best_effort()))
     return [
-        f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
+        f"{key}: {old[key]!r} -> {new[key]!r}"
+        for key in sorted(old.keys() & new.keys())
+        if old[key] != new[key] and key not in allowed
     ]
 
 

@@ -77,8 +77,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.test_split = "validation"
     c.data.image_size = 224
     c.data.resize_size = 256  # shorter side, then the central square (paper section 2)
+    # Antialiased (Pillow-like, as cc2's make-data) downscaling of full-size images; False is plain
+    # bilinear, about 2x faster to decode full-size JPEGs. The prepared copy needs no resampling.
+    c.data.resize_antialias = True
+    # The 256-pixel copy that `python -m alexnet_jax.data.prepare` writes decodes several times
+    # faster than full-size JPEGs (scripts/bench_input.py). It is used whenever it exists in
+    # prepared_dir ('' = data_dir); use_prepared=False forces the full-size images.
+    c.data.prepared_dir = ""
+    c.data.use_prepared = True
+    c.data.shuffle_buffer = 10_000  # encoded images, after the per-epoch shard-file shuffle
+    # Training augmentation (paper section 4.1). augment=False gives training the eval centre crop.
+    c.data.flip = True
+    # PCA lighting noise: eigvec @ (alpha * s), alpha ~ N(0, pca_std^2) once per image.
+    # 'eigval': s = eigval on [0,1] pixels (paper as printed, fb.resnet.torch);
+    # 'sqrt_eigval': s = sqrt(eigval) on 0-255 pixels (cc2). pca_std=0 turns the noise off.
+    c.data.pca_std = 0.1
+    c.data.pca_scale = "eigval"
+    c.data.pca_eigval = (0.2175, 0.0188, 0.0045)  # fb.resnet.torch ImageNet RGB covariance
+    c.data.pca_eigvec = (  # columns are the principal components; rows R, G, B
+        (-0.5675, 0.7192, 0.4009),
+        (-0.5808, -0.0045, -0.8140),
+        (-0.5836, -0.6948, 0.4203),
+    )
+    # Pixels stay 0-255 minus a mean: 'channel' (common; mean_rgb), 'pixel' (the paper: the mean
+    # 256x256 image, from `prepare --mean_image` or mean_image_path) or 'none'.
+    c.data.mean_mode = "channel"
+    c.data.mean_rgb = (123.675, 116.28, 103.53)  # ImageNet train mean, 255 * (0.485, 0.456, 0.406)
+    c.data.mean_image_path = ""  # .npy [resize_size, resize_size, 3]; '' = next to the copy
+    # dataset='folder': root/<split>/<class>/*.jpg|png; set model.num_classes to the class count.
+    c.data.folder_root = ""
+    c.data.folder_train_split = "train"
+    c.data.folder_val_split = "val"
+    c.data.folder_test_split = "test"  # optional directory: only the test evaluation needs it
+    c.data.folder_scan = "decode"  # 'decode': screen out unreadable images at start; 'none'
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.crops = 1  # 1 = centre crop; 10 = four corners + centre and mirrors (paper)
+    c.eval.crops = 10  # the paper's 10 patches (section 4.1); 1 = centre crop, 10x cheaper
     c.eval.batch_size = 256
     return c

@@ -1,4 +1,4 @@
-"""The paper's image pre-processing as pure TensorFlow ops (Krizhevsky et al. 2012, sections 2, 4.1).
+"""The paper's image pre-processing as pure TensorFlow ops (Krizhevsky et al. 2012, sec. 2, 4.1).
 
 - Every image: rescale so the shorter side is `resize_size` (256), keep the central square.
 - Training: a random `image_size` (224) crop and a random horizontal flip (section 4.1, first
@@ -20,6 +20,20 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+
+def hide_gpus() -> None:
+    """Makes every GPU invisible to TensorFlow: it only does host work here, and must not take
+    accelerator memory that JAX needs. Takes effect only before TF's first op, hence its call
+    right below, at import time (idempotent)."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # the runtime is already initialised; it still must hold no GPU
+        if tf.config.get_visible_devices("GPU"):
+            raise
+
+
+hide_gpus()
+
 # fb.resnet.torch's ImageNet statistics (pixels in [0, 1]); REFERENCE.md, "Data and augmentation".
 # Columns of EIGVEC are the principal components; rows are R, G, B.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -37,6 +51,7 @@ class AugmentConfig:
 
     image_size: int = 224
     resize_size: int = 256
+    resize_antialias: bool = True  # Pillow-like downscaling; False: plain bilinear, ~2x faster
     augment: bool = True  # False: training images get the evaluation centre crop
     flip: bool = True
     pca_std: float = 0.1  # std of the per-image alphas; 0 turns the lighting noise off
@@ -45,15 +60,16 @@ class AugmentConfig:
     pca_scale: str = "eigval"  # 'eigval' | 'sqrt_eigval'
     mean_mode: str = "channel"  # 'channel' | 'pixel' | 'none'
     mean_rgb: tuple[float, ...] = IMAGENET_MEAN_RGB
-    mean_image: np.ndarray | None = None  # [resize_size, resize_size, 3], for mean_mode='pixel'
+    # [resize_size, resize_size, 3], for mean_mode="pixel"; not compared (an array has no ==)
+    mean_image: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.image_size > self.resize_size:
             raise ValueError(f"image_size {self.image_size} > resize_size {self.resize_size}")
         if self.pca_scale not in ("eigval", "sqrt_eigval"):
-            raise ValueError(f"pca_scale must be 'eigval' or 'sqrt_eigval', not {self.pca_scale!r}")
+            raise ValueError(f"pca_scale: 'eigval' or 'sqrt_eigval', not {self.pca_scale!r}")
         if self.mean_mode not in ("channel", "pixel", "none"):
-            raise ValueError(f"mean_mode must be 'channel', 'pixel' or 'none', not {self.mean_mode!r}")
+            raise ValueError(f"mean_mode: 'channel', 'pixel' or 'none', not {self.mean_mode!r}")
         if self.mean_mode == "pixel":
             shape = (self.resize_size, self.resize_size, 3)
             if self.mean_image is None or tuple(self.mean_image.shape) != shape:
@@ -69,11 +85,12 @@ class AugmentConfig:
         return cls(
             image_size=int(get("image_size", d.image_size)),
             resize_size=int(get("resize_size", d.resize_size)),
+            resize_antialias=bool(get("resize_antialias", d.resize_antialias)),
             augment=bool(get("augment", d.augment)),
             flip=bool(get("flip", d.flip)),
             pca_std=float(get("pca_std", d.pca_std)),
             pca_eigval=tuple(float(v) for v in get("pca_eigval", d.pca_eigval)),
-            pca_eigvec=tuple(tuple(float(v) for v in row) for row in get("pca_eigvec", d.pca_eigvec)),
+            pca_eigvec=tuple(tuple(map(float, row)) for row in get("pca_eigvec", d.pca_eigvec)),
             pca_scale=str(get("pca_scale", d.pca_scale)),
             mean_mode=str(get("mean_mode", d.mean_mode)),
             mean_rgb=tuple(float(v) for v in get("mean_rgb", d.mean_rgb)),
@@ -97,14 +114,18 @@ class AugmentConfig:
 # --- decoding --------------------------------------------------------------------------------
 
 
-def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded image -> float32 [size, size, 3], 0-255: shorter side to `size`, central square.
+def decode_and_resize(image_bytes: tf.Tensor, size: int, antialias: bool = True) -> tf.Tensor:
+    """Encoded image -> uint8 [size, size, 3]: shorter side to `size`, central square.
 
     Cropping the central square first and then resizing it to size x size is the paper's
     "rescale the shorter side to 256, crop the central 256x256 patch" up to sub-pixel rounding,
     and for JPEGs it lets libjpeg skip decoding the discarded strips. Grayscale, CMYK and
     palette images come out as RGB (`channels=3`); PNG, GIF, BMP and WebP go through
-    `decode_image`. Downscaling uses an antialiased bilinear filter, as Pillow does.
+    `decode_image`. Downscaling uses an antialiased bilinear filter, as Pillow does (cc2's
+    make-data used Pillow), rounded back to uint8 as Pillow's is; TF's antialiased resize costs
+    about twice the JPEG decode, so `antialias=False` (plain bilinear, as TF's own ImageNet
+    pipelines resize) is there for full-size training. An image already `size` on its shorter
+    side (the prepared copy) is not resampled at all, which is most of the copy's speed.
     """
 
     def jpeg() -> tf.Tensor:
@@ -119,8 +140,14 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
         return central_square(image)
 
     image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+
+    def resize() -> tf.Tensor:
+        resized = tf.image.resize(image, [size, size], method="bilinear", antialias=antialias)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    image = tf.cond(tf.shape(image)[0] == size, lambda: image, resize)
+    image.set_shape([size, size, 3])
+    return image
 
 
 def central_square(image: tf.Tensor) -> tf.Tensor:
@@ -132,6 +159,11 @@ def central_square(image: tf.Tensor) -> tf.Tensor:
 
 
 # --- training ops ------------------------------------------------------------------------
+# An example is computed in two parts: the geometry (decode, crop, flip) per image, on uint8
+# pixels, and a per-image RGB offset (lighting noise minus the channel mean) that `finish` adds
+# after batching, in one vectorised op over the whole batch. Both the noise and the channel mean
+# are one RGB vector per image, so this is the same arithmetic, at a fraction of the per-image
+# cost (scripts/bench_input.py).
 
 
 def random_crop_flip(image: tf.Tensor, seed: tf.Tensor, size: int, flip: bool = True) -> tf.Tensor:
@@ -143,19 +175,23 @@ def random_crop_flip(image: tf.Tensor, seed: tf.Tensor, size: int, flip: bool = 
     return image
 
 
-def lighting(image: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
-    """Adds eigvec @ (alpha * s) to every pixel, alpha ~ N(0, pca_std^2 I) once per image.
+def lighting_offset(seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
+    """The RGB shift eigvec @ (alpha * s), alpha ~ N(0, pca_std^2 I), drawn once per image.
 
     Section 4.1: "add multiples of the found principal components, with magnitudes proportional to
     the corresponding eigenvalues times a random variable drawn from a Gaussian with mean zero and
-    standard deviation 0.1". The noise covariance is pca_std^2 * V diag(s^2) V^T.
+    standard deviation 0.1". Its covariance is pca_std^2 * V diag(s^2) V^T.
     """
     if cfg.pca_std == 0:
-        return image
+        return tf.zeros([3])
     alpha = tf.random.stateless_normal([3], seed=seed, stddev=cfg.pca_std)
     eigvec = tf.constant(cfg.pca_eigvec, tf.float32)
-    rgb = tf.linalg.matvec(eigvec, alpha * tf.constant(cfg.lighting_sigmas()))
-    return image + rgb
+    return tf.linalg.matvec(eigvec, alpha * tf.constant(cfg.lighting_sigmas()))
+
+
+def lighting(image: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
+    """`image` (float) plus the lighting shift of `seed` on every pixel."""
+    return image + lighting_offset(seed, cfg)
 
 
 def subtract_mean(image: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
@@ -164,30 +200,48 @@ def subtract_mean(image: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     For 'pixel' the image must still be resize_size x resize_size: the paper subtracts the mean
     256x256 image before cropping, which equals cropping the mean image along with the patch.
     """
-    if cfg.mean_mode == "channel":
-        return image - tf.constant(cfg.mean_rgb, tf.float32)
+    image = tf.cast(image, tf.float32)
     if cfg.mean_mode == "pixel":
         return image - tf.constant(cfg.mean_image, tf.float32)
-    return image
+    return image + _channel_offset(cfg)
 
 
-def _pixel_mean_first(image: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
+def _channel_offset(cfg: AugmentConfig) -> tf.Tensor:
+    mean = cfg.mean_rgb if cfg.mean_mode == "channel" else (0.0, 0.0, 0.0)
+    return -tf.constant(mean, tf.float32)
+
+
+def _resized(image_bytes: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
+    """uint8, or float32 minus the mean image when mean_mode='pixel' (subtracted before crops)."""
+    image = decode_and_resize(image_bytes, cfg.resize_size, cfg.resize_antialias)
     return subtract_mean(image, cfg) if cfg.mean_mode == "pixel" else image
 
 
-def _channel_mean_last(image: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
-    return subtract_mean(image, cfg) if cfg.mean_mode != "pixel" else image
+def train_parts(
+    image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(cropped image, RGB offset) of one training example; `finish` combines them."""
+    if not cfg.augment:
+        return eval_parts(image_bytes, cfg)
+    crop_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = random_crop_flip(_resized(image_bytes, cfg), crop_seed, cfg.image_size, cfg.flip)
+    offset = lighting_offset(light_seed, cfg)
+    if cfg.mean_mode != "pixel":
+        offset += _channel_offset(cfg)
+    return image, offset
+
+
+def finish(image: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+    """float32 image(s) + offset(s): [..., H, W, 3] + [..., 3], for one example or a batch."""
+    offset = tf.convert_to_tensor(offset)
+    for _ in range(image.shape.rank - offset.shape.rank):
+        offset = tf.expand_dims(offset, -2)
+    return tf.cast(image, tf.float32) + offset
 
 
 def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     """One training example: float32 [image_size, image_size, 3]; `seed` is a [2] int tensor."""
-    if not cfg.augment:
-        return eval_image(image_bytes, cfg)
-    image = _pixel_mean_first(decode_and_resize(image_bytes, cfg.resize_size), cfg)
-    crop_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = random_crop_flip(image, crop_seed, cfg.image_size, cfg.flip)
-    image = lighting(image, light_seed, cfg)
-    return _channel_mean_last(image, cfg)
+    return finish(*train_parts(image_bytes, seed, cfg))
 
 
 # --- evaluation ops ------------------------------------------------------------------------
@@ -216,13 +270,21 @@ def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.concat([views, tf.reverse(views, axis=[2])], axis=0)
 
 
-def eval_image(image_bytes: tf.Tensor, cfg: AugmentConfig, crops: int = 1) -> tf.Tensor:
-    """The centre crop [H, W, 3] (crops=1) or the 10 views [10, H, W, 3] (crops=10)."""
+def eval_parts(
+    image_bytes: tf.Tensor, cfg: AugmentConfig, crops: int = 1
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(centre crop [H, W, 3] or 10 views [10, H, W, 3], RGB offset); see `finish`."""
     if crops not in (1, 10):
         raise ValueError(f"crops must be 1 or 10, not {crops}")
-    image = _pixel_mean_first(decode_and_resize(image_bytes, cfg.resize_size), cfg)
+    image = _resized(image_bytes, cfg)
     if crops == 1:
         image = center_crop(image, cfg.image_size)
     else:
         image = ten_crops(image, cfg.image_size)
-    return _channel_mean_last(image, cfg)
+    offset = tf.zeros([3]) if cfg.mean_mode == "pixel" else _channel_offset(cfg)
+    return image, offset
+
+
+def eval_image(image_bytes: tf.Tensor, cfg: AugmentConfig, crops: int = 1) -> tf.Tensor:
+    """The centre crop [H, W, 3] (crops=1) or the 10 views [10, H, W, 3] (crops=10), float32."""
+    return finish(*eval_parts(image_bytes, cfg, crops))

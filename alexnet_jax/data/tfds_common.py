@@ -11,12 +11,17 @@ into the host batches of `alexnet_jax.data.base`:
   the earlier steps of that epoch (before decoding them) and numbers the rest from s * B.
   Every epoch has steps_per_epoch = records // B full batches; the few records over are left out
   of that epoch (a different few each epoch, since the order changes).
-- TensorFlow only does host work: `import_tf` hides every GPU from it before its first op, so it
-  never grabs accelerator memory that JAX needs.
+- Speed. Records are skipped before decoding; per image only the geometry runs (decode, crop,
+  flip on uint8), and the RGB offset (lighting noise minus mean) is added to a whole batch in one
+  op; each epoch's pipeline is built and started before the previous one runs dry.
+- TensorFlow only does host work: its GPUs are hidden before its first op (`augment.hide_gpus`),
+  so it never grabs accelerator memory that JAX needs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,17 +36,14 @@ log = logging.getLogger(__name__)
 
 Records = Any  # tf.data.Dataset of (key, label int32)
 MakeEpoch = Callable[[int], Records]
+LOOKAHEAD_STEPS = 200  # start the next epoch's pipeline this many steps before it is needed
 
 
 def import_tf():
-    """Imports TensorFlow with its GPUs hidden; call before any TF op (idempotent)."""
+    """TensorFlow, with its GPUs hidden (`augment.hide_gpus`, run when augment is imported)."""
     import tensorflow as tf
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # the runtime is already initialised; still must hold no GPU
-        if tf.config.get_visible_devices("GPU"):
-            raise
+    augment.hide_gpus()
     return tf
 
 
@@ -60,6 +62,11 @@ def _options(tf):
     options = tf.data.Options()
     options.deterministic = True  # parallel map/interleave keep their input order
     return options
+
+
+def _finish(image, offset, label):
+    """Batch-level photometric step: one vectorised op per batch (see `augment.finish`)."""
+    return augment.finish(image, offset), label
 
 
 def train_stream(
@@ -91,10 +98,9 @@ def train_stream(
 
     def augment_one(slot, key, label):
         example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
-        return augment.train_image(load(key), example_seed, cfg), label
+        return (*augment.train_parts(load(key), example_seed, cfg), label)
 
-    step = start_step
-    while True:
+    def open_epoch(step: int) -> Iterator[Batch]:
         epoch, within = divmod(step, steps_per_epoch)
         records = make_epoch(epoch)
         records = records.repeat() if skip_errors else records.take(steps_per_epoch * batch_size)
@@ -106,10 +112,30 @@ def train_stream(
         if skip_errors:
             ds = ds.ignore_errors(log_warning=True)
         ds = ds.take((steps_per_epoch - within) * batch_size)
-        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-        for image, label in ds.with_options(_options(tf)).as_numpy_iterator():
-            yield {"image": image, "label": label.astype(np.int32)}
-            step += 1
+        ds = ds.batch(batch_size, drop_remainder=True).map(_finish)
+        ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+        batches = ds.as_numpy_iterator()
+        first = next(batches)  # starts the pipeline: fills the shuffle buffer
+        return itertools.chain([first], batches)
+
+    # Each epoch is its own pipeline. The next one is built and started (shuffle buffer filled,
+    # first batch made) while the last LOOKAHEAD_STEPS of the current one are consumed, so an
+    # epoch boundary costs no stall, without holding two pipelines for a whole epoch.
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+    try:
+        step = start_step
+        current = open_epoch(step)
+        while True:
+            end = (step // steps_per_epoch + 1) * steps_per_epoch
+            upcoming = None
+            for image, label in current:
+                if upcoming is None and end - step <= LOOKAHEAD_STEPS:
+                    upcoming = pool.submit(open_epoch, end)
+                yield {"image": image, "label": label.astype(np.int32)}
+                step += 1
+            current = (upcoming or pool.submit(open_epoch, end)).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an epoch being opened finishes first
 
 
 def eval_stream(
@@ -132,12 +158,12 @@ def eval_stream(
     """
     tf = import_tf()
     ds = records.map(
-        lambda key, label: (augment.eval_image(load(key), cfg, crops), label),
+        lambda key, label: (*augment.eval_parts(load(key), cfg, crops), label),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     if skip_errors:
         ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+    ds = ds.batch(batch_size).map(_finish).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     view = (crops,) if crops > 1 else ()
     shape = (*view, cfg.image_size, cfg.image_size, 3)
     seen = yielded = 0
@@ -146,8 +172,12 @@ def eval_stream(
         yielded += 1
         yield pad_batch({"image": image, "label": label.astype(np.int32)}, batch_size)
     if seen != num_examples:
-        log.warning("%s: %d of %d images could not be decoded and were left out",
-                    name, num_examples - seen, num_examples)
+        log.warning(
+            "%s: %d of %d images could not be decoded and were left out",
+            name,
+            num_examples - seen,
+            num_examples,
+        )
     empty = {
         "image": np.zeros((batch_size, *shape), np.float32),
         "label": np.zeros((batch_size,), np.int32),

@@ -1,0 +1,194 @@
+"""The prepared copy: every ImageNet image with its shorter side resized to 256, as TFDS records.
+
+    python -m alexnet_jax.data.prepare --data_dir D --manual_dir M [--out DIR] [--mean_image]
+
+1. Prepares `imagenet2012` in D from the tars in M, unless it is prepared already.
+2. Writes the dataset `imagenet2012_s256` to DIR (default D): the same splits, labels and file
+   names, each image resized (antialiased bilinear, aspect kept) so its shorter side is 256 and
+   re-encoded as JPEG. The records use the same keys (file names) as `imagenet2012`, and TFDS orders
+   records by a hash of the key, so the copy lists the examples in the same order: a split string
+   such as `train[:99%]` names the same images in both.
+3. With `--mean_image`, also writes DIR/imagenet2012_s256/mean_image.npy, the mean 256x256 image
+   (the paper subtracts it: `data.mean_mode='pixel'`) over `--mean_examples` training images.
+
+A full-size ImageNet JPEG averages about 400x350 pixels and 110 KB; decoding it dominates the
+input pipeline's cost (REFERENCE.md, "Throughput"). The copy keeps what the paper's pipeline uses
+(the 256 rescale happens anyway) and decodes several times faster (scripts/bench_input.py).
+Training picks the copy up by itself: `ImageNetSource` reads DIR/imagenet2012_s256 when it exists
+(`data.prepared_dir`, '' = data dir; `data.use_prepared=False` opts out).
+
+    python -m alexnet_jax.data.prepare --folder_root ROOT --mean_image [--out FILE.npy]
+
+computes the mean image of an image folder's training split instead (for `dataset='folder'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import ml_collections
+import numpy as np
+
+from alexnet_jax.data import augment, folder, imagenet, tfds_common
+
+log = logging.getLogger(__name__)
+
+
+def resize_shorter_side(image_bytes, size: int, quality: int):
+    """Encoded image -> JPEG bytes whose shorter side is `size` (aspect ratio kept)."""
+    tf = tfds_common.import_tf()
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
+    scale = size / tf.reduce_min(shape)
+    new = tf.cast(tf.maximum(tf.round(shape * scale), size), tf.int32)
+    image = tf.image.resize(image, new, method="bilinear", antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return tf.io.encode_jpeg(image, quality=quality)
+
+
+def _copy_builder_class():
+    import tensorflow_datasets as tfds
+
+    class Imagenet2012S256(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """`imagenet2012` with every image resized to a 256 shorter side (see module doc)."""
+
+        name = imagenet.PREPARED_NAME
+        VERSION = tfds.core.Version(imagenet.PREPARED_VERSION)
+        RELEASE_NOTES: ClassVar = {imagenet.PREPARED_VERSION: "Shorter side 256, re-encoded."}
+
+        def __init__(self, *, source, shorter_side: int = 256, quality: int = 90, **kwargs):
+            self._source = source
+            self._size = shorter_side
+            self._quality = quality
+            super().__init__(**kwargs)
+
+        def _info(self):
+            names = self._source.info.features["label"].names
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"{self._source.name} resized to a shorter side of {self._size}.",
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "label": tfds.features.ClassLabel(names=names),
+                        "file_name": tfds.features.Text(),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {split: self._generate_examples(split) for split in self._source.info.splits}
+
+        def _generate_examples(self, split):
+            tf = tfds_common.import_tf()
+            ds = self._source.as_dataset(
+                split=split,
+                shuffle_files=False,
+                decoders={"image": tfds.decode.SkipDecoding()},
+                read_config=tfds.ReadConfig(try_autocache=False),
+            )
+            ds = ds.map(
+                lambda ex: (
+                    ex["file_name"],
+                    resize_shorter_side(ex["image"], self._size, self._quality),
+                    ex["label"],
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            for name, image, label in ds.as_numpy_iterator():
+                key = name.decode()
+                yield key, {"image": image, "label": int(label), "file_name": key}
+
+    return Imagenet2012S256
+
+
+def prepare_copy(data: ml_collections.ConfigDict, out: str, *, quality: int = 90) -> Path:
+    """Prepares `imagenet2012` if need be, then writes the copy under `out`; returns its path."""
+    tfds_common.import_tf()
+    import tensorflow_datasets as tfds
+
+    source = imagenet.full_size_builder(data, ["train", "validation"])
+    builder = _copy_builder_class()(source=source, quality=quality, data_dir=out)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    return Path(builder.data_dir)
+
+
+def mean_image(records, size: int, limit: int) -> np.ndarray:
+    """The mean of the first `limit` images after the paper's rescale + central crop."""
+    tf = tfds_common.import_tf()
+    ds = records.take(limit).map(
+        lambda b: augment.decode_and_resize(b, size), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    total, count = np.zeros((size, size, 3)), 0
+    for batch in ds.ignore_errors().batch(64).as_numpy_iterator():
+        total += batch.sum(0, dtype=np.float64)
+        count += len(batch)
+    if count == 0:
+        raise ValueError("no images to average")
+    return (total / count).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", default="", help="TFDS data dir ('' = TFDS's default)")
+    parser.add_argument("--manual_dir", default="", help="the ILSVRC2012 tars")
+    parser.add_argument("--out", default="", help="where the copy goes ('' = data_dir)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the copy")
+    parser.add_argument("--mean_image", action="store_true", help="also write mean_image.npy")
+    parser.add_argument("--mean_examples", type=int, default=50_000)
+    parser.add_argument("--mean_split", default="train[:99%]", help="TFDS split to average")
+    parser.add_argument("--resize_size", type=int, default=256, help="= data.resize_size")
+    parser.add_argument("--folder_root", default="", help="mean image of an image folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tf = tfds_common.import_tf()
+    from alexnet_jax.errors import UsageError
+
+    try:
+        if args.folder_root:
+            if not args.mean_image:
+                parser.error("--folder_root only computes a mean image: add --mean_image")
+            paths, _ = folder.list_images(os.path.join(args.folder_root, "train"))
+            records = tf.data.Dataset.from_tensor_slices(paths).map(tf.io.read_file)
+            mean = mean_image(records, args.resize_size, args.mean_examples)
+            out = args.out or os.path.join(args.folder_root, "mean_image.npy")
+            np.save(out, mean)
+            print(
+                f"mean image: {out}  (use --config.data.mean_mode=pixel "
+                f"--config.data.mean_image_path={out})"
+            )
+            return 0
+        data = ml_collections.ConfigDict({"data_dir": args.data_dir, "manual_dir": args.manual_dir})
+        out = args.out or imagenet.data_dir(data)
+        path = prepare_copy(data, out, quality=args.quality)
+        print(f"prepared copy: {path}")
+        if args.mean_image:
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder_from_directory(str(path))
+            records = builder.as_dataset(
+                split=args.mean_split, decoders={"image": tfds.decode.SkipDecoding()}
+            ).map(lambda ex: ex["image"])
+            mean = mean_image(records, args.resize_size, args.mean_examples)
+            target = path.parent / imagenet.MEAN_IMAGE_FILE
+            np.save(target, mean)
+            print(f"mean image: {target}  (used by --config.data.mean_mode=pixel)")
+        extra = "" if out == imagenet.data_dir(data) else f" --config.data.prepared_dir={out}"
+        print(f"training reads the copy by itself{extra and ' with' + extra}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
