@@ -40,7 +40,10 @@ def load_module(path: str) -> Any:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Runs `get_config(arg)` of the experiment file that `spec` names."""
     path, arg = split_spec(spec)
-    return load_module(path).get_config(arg)
+    try:
+        return load_module(path).get_config(arg)
+    except ValueError as e:  # an experiment's way to reject its arg
+        raise UsageError(f"{spec}: {e}") from None
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

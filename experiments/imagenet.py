@@ -7,6 +7,10 @@ Hardware and runtime: the paper took 5-6 days on two GTX 580s (90 epochs at abou
 Expected result: about 40.7 % top-1 / 18.2 % top-5 error with 10-crop evaluation on the official
 validation set (our test split), about 42 % / 19.5 % with a centre crop (REFERENCE.md).
 
+Your own images, same recipe (root/<split>/<class>/*.jpg|png; splits train, val and test):
+    python launch.py experiments/imagenet.py:folder --config.data.folder_root=ROOT \
+        --config.model.num_classes=N
+
 Small local mode (no ImageNet needed, checks the whole recipe end to end in a minute):
     python launch.py experiments/imagenet.py --config.dataset=synthetic \
         --config.batch_size=16 --config.num_train_steps=4 --config.eval_every_steps=0
@@ -20,7 +24,9 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    """arg: None for ILSVRC-2012; 'folder' for the same recipe on your own image folders."""
+    if arg not in (None, "folder"):
+        raise ValueError(f"unknown arg {arg!r}; use experiments/imagenet.py or imagenet.py:folder")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dataset = "imagenet2012"  # 'imagenet2012' | 'folder' | 'digits' | 'synthetic'
@@ -68,9 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.augment = True
     c.data.data_dir = ""  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
-    c.data.manual_dir = (
-        ""  # where ILSVRC2012_img_{train,val}.tar are; '' = <data_dir>/downloads/manual
-    )
+    c.data.manual_dir = ""  # holds ILSVRC2012_img_{train,val}.tar; '' = <data_dir>/downloads/manual
     # big_vision's "minival": 1 % of train tunes everything; the official val set is the test set.
     c.data.train_split = "train[:99%]"
     c.data.val_split = "train[99%:]"
@@ -114,4 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.crops = 10  # the paper's 10 patches (section 4.1); 1 = centre crop, 10x cheaper
     c.eval.batch_size = 256
+
+    if arg == "folder":
+        c.dataset = "folder"  # also set data.folder_root and model.num_classes
     return c
