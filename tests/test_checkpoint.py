@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint, cli, config as config_lib, train
+from alexnet_jax import checkpoint, cli, train
+from alexnet_jax import config as config_lib
 from alexnet_jax.metrics import read_metrics
 from alexnet_jax.model import from_config
 
