@@ -197,11 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     primary = jax.process_index() == 0
     source = make_source(config)
     info = source.info
-    if info.num_classes != config.model.num_classes:
-        raise UsageError(
-            f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} "
-            f"has {info.num_classes} classes"
-        )
     model = from_config(config.model)
     steps_per_epoch, total_steps = num_train_steps(config, info.num_examples["train"])
     schedule = optim.make_schedule(
@@ -295,16 +290,17 @@ class _Loop:
                     jax.block_until_ready(metrics)
                     self.timer.reset(step)  # the first step compiled; img/s counts from here
                 last = step == self.total_steps
+                preempted = sigterm(step)  # once per step: multi-process, it is a sync point
                 paused = False
                 if _every(step, config.log_every_steps) or last:
                     self._log(step, metrics)
                 if _every(step, config.eval_every_steps) or last:
                     pstate = self._validate(step, pstate)
                     paused = True
-                if _every(step, config.checkpoint_every_steps) or last or sigterm():
+                if _every(step, config.checkpoint_every_steps) or last or preempted:
                     self._save(step, pstate)
                     paused = True
-                if sigterm():
+                if preempted:
                     self.ckpt.wait()
                     raise Preempted(
                         f"SIGTERM at step {step}: checkpoint saved; run the same command to resume"

@@ -20,11 +20,17 @@ SOURCES = {
 
 
 def make_source(config: ml_collections.ConfigDict) -> Source:
-    """Builds the data source that `config.dataset` names."""
+    """Builds the data source that `config.dataset` names, checked against the model's classes."""
     if config.dataset not in SOURCES:
         raise UsageError(f"unknown dataset {config.dataset!r}; choose one of {sorted(SOURCES)}")
     module, cls = SOURCES[config.dataset]
-    return getattr(importlib.import_module(module), cls)(config)
+    source = getattr(importlib.import_module(module), cls)(config)
+    if source.info.num_classes != config.model.num_classes:
+        raise UsageError(
+            f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} "
+            f"has {source.info.num_classes} classes"
+        )
+    return source
 
 
 __all__ = ["Batch", "DatasetInfo", "Source", "make_source", "pad_batch"]
