@@ -183,19 +183,37 @@ def resume(
 
 
 @contextlib.contextmanager
-def sigterm_requested() -> Iterator[Callable[[], bool]]:
+def sigterm_requested() -> Iterator[Callable[[int], bool]]:
     """Within the block, SIGTERM sets a flag instead of killing the process.
 
     Schedulers (SLURM, Kubernetes, Cloud TPU maintenance) send SIGTERM before they kill; the
-    loop polls the flag after each step, saves, and exits cleanly.
+    loop asks `requested(step)` once after each step, saves, and exits cleanly.
+
+    In a multi-process run every process must stop at the same step (each step and each save is
+    collective), but SIGTERM reaches them at different steps, or reaches only one. There JAX's
+    preemption service, which catches SIGTERM itself once jax.distributed is initialised, picks
+    a step that every process reaches, and `requested(step)` is true at that step on all of them.
     """
+    from jax.experimental import multihost_utils
+
+    if _preemption_service():
+        yield multihost_utils.reached_preemption_sync_point
+        return
     received = []
     try:
         previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
     except ValueError:  # not the main thread (e.g. a sweep in a worker): no handler
-        yield lambda: False
+        yield lambda step: False
         return
     try:
-        yield lambda: bool(received)
+        yield lambda step: bool(received)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _preemption_service() -> bool:
+    """Whether this is a multi-process run with JAX's preemption service listening for SIGTERM."""
+    import jax
+    from jax._src import distributed  # the state multihost_utils itself reads
+
+    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -32,8 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="train", choices=MODES)
     p.add_argument("--dry_run", action="store_true", help="print the config and parameters, exit")
     p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
-    p.add_argument("--num_processes", type=int)
-    p.add_argument("--process_id", type=int)
+    p.add_argument("--num_processes", type=int, help="how many processes (multi-host)")
+    p.add_argument("--process_id", type=int, help="this process's index in [0, N) (multi-host)")
+    p.add_argument(
+        "--heartbeat_timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="multi-host: when a process is silent this long, all exit (default 30)",
+    )
+    p.add_argument(
+        "--init_timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="multi-host: how long to wait for every process to join (default 300)",
+    )
     # Evaluation modes (alexnet_jax/evaluate.py).
     p.add_argument("--force_test", action="store_true", help="--mode test on a tested workdir")
     p.add_argument("--image", nargs="+", default=[], metavar="PATH", help="for --mode predict")
@@ -110,7 +125,13 @@ def run(argv: Sequence[str]) -> int:
 
     from alexnet_jax import parallel  # imports JAX; after the cheap checks above
 
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    parallel.initialize_distributed(
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        heartbeat_timeout=args.heartbeat_timeout,
+        init_timeout=args.init_timeout,
+    )
     import jax
 
     config_lib.validate(config, num_devices=jax.device_count())
@@ -142,6 +163,25 @@ def run_mode(args: argparse.Namespace, config: ml_collections.ConfigDict, workdi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status.
+
+    In a multi-process run, a process that fails tells the others, which then exit with the same
+    status instead of waiting in a collective for it (alexnet_jax/distributed.py).
+    """
+    from alexnet_jax import distributed  # imports no JAX
+
+    try:
+        status = _main(argv)
+    except Exception:  # a bug or an unforeseen error: the usual traceback, then leave
+        if distributed.is_running():
+            traceback.print_exc()
+            distributed.leave(1)  # does not return
+        raise
+    distributed.leave(status)  # returns only when single-process or when status is 0
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)

@@ -84,21 +84,48 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    heartbeat_timeout: float = 30.0,
+    init_timeout: float = 300.0,
 ) -> None:
     """Joins a multi-process JAX cluster; must run before any JAX computation.
 
     With explicit flags, the cluster is formed over `coordinator_address`. Without them,
     `jax.distributed.initialize()` is called only where JAX detects a cluster by itself (SLURM,
-    Cloud TPU, ...), so a plain single-machine run never waits for a coordinator.
+    Cloud TPU, ...), so a plain single-machine run never waits for a coordinator. The timeouts
+    bound how long a process waits for the others to join, and for a dead process to be noticed
+    (alexnet_jax/distributed.py).
     """
-    explicit = coordinator_address is not None
-    if explicit and (num_processes is None or process_id is None):
-        raise UsageError("--coordinator_address needs --num_processes and --process_id")
-    if not explicit and not _cluster_detected():
+    from alexnet_jax import distributed
+
+    _check_cluster_flags(coordinator_address, num_processes, process_id)
+    if heartbeat_timeout <= 0 or init_timeout <= 0:
+        raise UsageError("--heartbeat_timeout and --init_timeout must be positive (seconds)")
+    if coordinator_address is None and not _cluster_detected():
         return
-    # Gloo lets CPU processes (the tests, laptops) form a cluster; GPUs and TPUs ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        heartbeat_timeout=heartbeat_timeout,
+        init_timeout=init_timeout,
+    )
+
+
+def _check_cluster_flags(address: str | None, count: int | None, index: int | None) -> None:
+    if address is None:
+        if count is not None or index is not None:
+            raise UsageError("--num_processes and --process_id need --coordinator_address")
+        return
+    if count is None or index is None:
+        raise UsageError("--coordinator_address needs --num_processes and --process_id")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--coordinator_address must be HOST:PORT; got {address!r}")
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(
+            f"--process_id must be in [0, --num_processes); got {index} of {count} processes"
+        )
 
 
 def _cluster_detected() -> bool:
@@ -106,4 +133,9 @@ def _cluster_detected() -> bool:
         from jax._src.clusters import ClusterEnv  # private, but what initialize() itself uses
     except ImportError:  # pragma: no cover - a future JAX moved it; stay single-process
         return False
-    return any(env.is_env_present() for env in ClusterEnv._cluster_types)
+    # Opt-in environments (mpi4py: merely installed) are skipped, as initialize() skips them.
+    return any(
+        env.is_env_present()
+        for env in ClusterEnv._cluster_types
+        if not getattr(env, "opt_in_only_method", False)
+    )
