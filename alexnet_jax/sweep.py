@@ -284,7 +284,13 @@ def run_from_args(
         list_only=args.sweep_list,
         num_seeds=args.sweep_seeds,
         dry_run=args.dry_run,
-        distributed=(args.coordinator_address, args.num_processes, args.process_id),
+        distributed={
+            "coordinator_address": args.coordinator_address,
+            "num_processes": args.num_processes,
+            "process_id": args.process_id,
+            "heartbeat_timeout": args.heartbeat_timeout,
+            "init_timeout": args.init_timeout,
+        },
     )
 
 
@@ -298,7 +304,7 @@ def run_sweep(
     list_only: bool = False,
     num_seeds: int | None = None,
     dry_run: bool = False,
-    distributed: tuple[str | None, int | None, int | None] = (None, None, None),
+    distributed: dict[str, Any] | None = None,
 ) -> int:
     """What `launch.py SWEEP.py[:ARG]` does; returns the exit status."""
     num_seeds = 1 if num_seeds is None else num_seeds
@@ -317,7 +323,7 @@ def run_sweep(
 
     from alexnet_jax import parallel  # imports JAX; after the cheap checks above
 
-    parallel.initialize_distributed(*distributed)
+    parallel.initialize_distributed(**(distributed or {}))
     import jax
 
     for config in configs:
