@@ -7,6 +7,7 @@ the paper's. `from_config` builds the module from the `model` block of an experi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,14 +44,74 @@ def local_response_norm(
     The windowed sum is a matmul with a banded 0/1 matrix: on CPUs and GPUs a small dense matmul
     over channels is much faster than a `reduce_window` over a window of 5 channels.
     """
-    channels = x.shape[-1]
-    half = size // 2
-    idx = np.arange(channels)
-    band = (np.abs(idx[:, None] - idx[None, :]) <= half).astype(np.float32)
-    sq = jnp.square(x)
-    window_sum = jnp.matmul(sq, jnp.asarray(band, dtype=x.dtype))
     scale = alpha / size if scale_alpha_by_size else alpha
-    return x * lax.pow(k + scale * window_sum, jnp.asarray(-beta, dtype=x.dtype))
+    t = k + scale * jnp.matmul(jnp.square(x), _channel_band(x.shape[-1], size, x.dtype))
+    return x * lax.pow(t, jnp.asarray(-beta, dtype=x.dtype))
+
+
+def _channel_band(channels: int, size: int, dtype: Any) -> Array:
+    """B[i, j] = 1 where |i - j| <= size // 2: (a ** 2) @ B sums each channel's window."""
+    idx = np.arange(channels)
+    return jnp.asarray(np.abs(idx[:, None] - idx[None, :]) <= size // 2, dtype=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: Array, window: int, stride: int) -> Array:
+    """Max pooling over `window` x `window` patches of an NHWC array, no padding (section 3.4).
+
+    The same function and gradient as `nn.max_pool` (the gradient goes to the first maximum of each
+    window, like XLA's select_and_scatter), with the gradient written as elementwise ops on the
+    pooled grid (`_max_pool_bwd`): XLA:CPU lowers select_and_scatter to a variadic argmax
+    reduce_window and a scatter, several times slower.
+    """
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
+    )
+
+
+def _max_pool_fwd(x: Array, window: int, stride: int) -> tuple[Array, tuple[Array, Array]]:
+    y = max_pool(x, window, stride)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window: int, stride: int, residuals: tuple[Array, Array], g: Array):
+    x, y = residuals
+    (n, h, w, c), (ho, wo) = x.shape, y.shape[1:3]
+
+    def view(i: int, j: int) -> Array:  # the inputs at window position (i, j) of every window
+        return x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+
+    # The first window position (row-major) that holds the maximum, as select_and_scatter picks.
+    first = jnp.full(y.shape, window * window, jnp.int32)
+    for i, j in reversed([(i, j) for i in range(window) for j in range(window)]):
+        first = jnp.where(view(i, j) == y, i * window + j, first)
+    first = lax.optimization_barrier(first)  # computed once, not once per use below
+    zero = jnp.zeros((), g.dtype)
+
+    # Input row stride * m + r gets the gradient of window row i = stride * q + r of output row
+    # m - q. So each phase (r_h, r_w) of the input is a sum of shifted maps on the pooled grid,
+    # and interleaving the stride x stride phases gives dx: a few passes over the pooled grid
+    # instead of window**2 passes over the input.
+    mh, mw = -(-h // stride), -(-w // stride)  # rows and columns per phase
+    phases = []
+    for rh in range(stride):
+        row = []
+        for rw in range(stride):
+            acc = jnp.zeros((n, mh, mw, c), g.dtype)
+            for qh in range(-(-(window - rh) // stride)):
+                for qw in range(-(-(window - rw) // stride)):
+                    term = jnp.where(
+                        first == (stride * qh + rh) * window + stride * qw + rw, g, zero
+                    )
+                    shift = [(0, 0, 0), (qh, mh - ho - qh, 0), (qw, mw - wo - qw, 0), (0, 0, 0)]
+                    acc = acc + lax.pad(term, zero, shift)
+            row.append(acc)
+        phases.append(jnp.stack(row, axis=3))  # (n, mh, mw, r_w, c)
+    dx = jnp.stack(phases, axis=2).reshape(n, mh * stride, mw * stride, c)  # interleave (r_h, r_w)
+    return (dx[:, :h, :w],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class GroupedConv(nn.Module):
@@ -173,7 +234,7 @@ class AlexNet(nn.Module):
         g = self.groups
 
         def pool(y: Array) -> Array:  # overlapping pooling, z=3, s=2 (section 3.4)
-            return nn.max_pool(y, (3, 3), strides=(2, 2))
+            return max_pool(y, 3, 2)
 
         x = self._conv("conv1", c1, 11, 4, self.conv1_padding, 1)(x)
         x = nn.relu(self._lrn(x)) if self.lrn_before_relu else self._lrn(nn.relu(x))

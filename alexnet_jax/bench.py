@@ -1,0 +1,287 @@
+"""Training-step benchmark: the real pmapped `train_step` on synthetic data, against PyTorch.
+
+    python -m alexnet_jax.bench [--batch_sizes 64,128] [--steps 10] [--dtypes float32,bfloat16]
+                                [--no_torch] [--out results.jsonl] [--config.KEY=VALUE ...]
+
+What is timed: `alexnet_jax.train.make_steps(...).train`, the same `jax.pmap`ped step (over all
+local devices, state donated) that `launch.py` runs, on one synthetic batch made on the devices.
+The first steps compile and are not timed; each timed step waits for its result, and the report
+is the median over `--steps` steps. When PyTorch is installed, the same network (grouped convs,
+LRN, dropout, SGD with momentum; `alexnet_jax.torch_reference`) is timed in the same process,
+one PyTorch step after each JAX step, so that both see the same machine load, and the ratio
+JAX/PyTorch is printed (> 1: JAX is faster).
+
+Model FLOPs: 2 x the multiply-adds of the convolutions and dense layers (0.724 GMAC per 224 px
+image for the paper's network, section 3), times 3 for a training step (forward, and a backward
+pass that costs twice the forward). Peak: the best of several large float32 (or bfloat16) matmuls
+on the same device, i.e. what this machine's matmul kernels reach, not a datasheet number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from alexnet_jax import config as config_lib
+from alexnet_jax import cpu_flags, optim, parallel, train
+from alexnet_jax.data import make_source
+from alexnet_jax.errors import UsageError
+from alexnet_jax.model import AlexNet, from_config
+
+
+def forward_flops(model: AlexNet, image_shape: tuple[int, int, int]) -> float:
+    """2 x multiply-adds of the convolutions and dense layers for one image (no compilation)."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+
+    def run():
+        variables = model.init(jax.random.key(0), x, train=False)
+        _, state = model.apply(
+            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
+        return variables["params"], state["intermediates"]
+
+    params, inter = jax.eval_shape(run)
+    macs = 0
+    for name, layer in params.items():
+        kernel = int(np.prod(layer["kernel"].shape))
+        out = inter[name]["__call__"][0].shape  # (1, H, W, C) for a conv, (1, C) for a dense
+        macs += kernel * int(np.prod(out[1:-1]))  # times the output positions
+    return 2.0 * macs
+
+
+def matmul_peak_gflops(dtype: Any = jnp.float32, n: int = 2048, reps: int = 8) -> float:
+    """The best GFLOP/s of an n x n matmul on the default device: the measured peak."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(reps))
+    return 2.0 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def jax_runner(config: ml_collections.ConfigDict) -> Callable[[], None]:
+    """One blocking call of the real pmapped train step per call, on a fixed synthetic batch."""
+    source = make_source(config)
+    model = from_config(config.model)
+    steps_per_epoch, total = train.num_train_steps(config, source.info.num_examples["train"])
+    schedule = optim.make_schedule(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total)
+    state, tx = train.create_state(config, model, source.info.image_shape)
+    steps = train.make_steps(model, tx, schedule)
+    per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
+    batch = next(parallel.prefetch(source.train_batches(per_process, seed=config.seed)))
+    rng = parallel.replicate(train.dropout_base_key(config.seed))
+    box = {"state": parallel.replicate(state)}
+
+    def step() -> None:
+        box["state"], metrics = steps.train(box["state"], batch, rng)
+        jax.block_until_ready((box["state"], metrics))
+
+    return step
+
+
+def torch_runner(
+    config: ml_collections.ConfigDict, channels_last: bool = False
+) -> Callable[[], None] | None:
+    """The same step in PyTorch, or None where PyTorch is not installed."""
+    try:
+        import torch
+
+        from alexnet_jax import torch_reference
+    except ImportError:
+        return None
+    if config.model.get("dtype", "float32") != "float32":
+        return None  # PyTorch's CPU autocast is not the same recipe; compare float32 only
+    torch.manual_seed(config.seed)
+    model = from_config(config.model)
+    net = torch_reference.TorchAlexNet(model)
+    o = config.optim
+    opt = torch_reference.make_sgd(
+        net,
+        learning_rate=o.learning_rate,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        decay_biases=o.decay_biases,
+    )
+    size = config.data.image_size
+    images = torch.randn(config.batch_size, 3, size, size)
+    labels = torch.randint(0, model.num_classes, (config.batch_size,))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    return lambda: torch_reference.train_step(net, opt, images, labels)
+
+
+def interleave(runners: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict:
+    """Per-step seconds of each runner, the runners taking turns step by step."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()  # compilation, allocator and thread-pool warm-up
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, run in runners.items():
+            times[name].append(_timed(run))
+    return times
+
+
+def bench_config(
+    base: ml_collections.ConfigDict, batch_size: int, dtype: str
+) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.dataset = "synthetic"
+    config.batch_size = batch_size
+    config.model.dtype = dtype
+    return config
+
+
+def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, Any]]:
+    base = config_lib.load_config(args.experiment)
+    config_lib.apply_overrides(base, overrides)
+    devices = jax.local_devices()
+    print(
+        f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
+        f"jax {jax.__version__}; host {platform.processor() or platform.machine()}; "
+        f"step: jax.pmap over {len(devices)} local device(s); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        flush=True,
+    )
+    image_shape = (base.data.image_size, base.data.image_size, 3)
+    flops_fwd = forward_flops(from_config(base.model), image_shape)
+    print(f"model: {flops_fwd / 2e9:.3f} GMAC forward per image", flush=True)
+    peaks = {}
+    results = []
+    for dtype in args.dtypes:
+        if dtype not in peaks:
+            n = args.matmul_size or (2048 if devices[0].platform == "cpu" else 8192)
+            peaks[dtype] = matmul_peak_gflops(jnp.dtype(dtype), n)
+            print(
+                f"matmul peak ({dtype}, {n}^3, best of 8): {peaks[dtype]:.1f} GFLOP/s", flush=True
+            )
+        for batch_size in args.batch_sizes:
+            config = bench_config(base, batch_size, dtype)
+            runners = {"jax": jax_runner(config)}
+            if not args.no_torch:
+                torch_step = torch_runner(config, args.torch_channels_last)
+                if torch_step is not None:
+                    runners["torch"] = torch_step
+            times = interleave(runners, args.steps, args.warmup)
+            row = _row(times, config, flops_fwd, peaks[dtype], devices)
+            results.append(row)
+            print(_format(row), flush=True)
+            del runners
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in results:
+                f.write(json.dumps(row) + "\n")
+    return results
+
+
+def _row(times, config, flops_fwd, peak, devices) -> dict[str, Any]:
+    batch = config.batch_size
+    jax_s = statistics.median(times["jax"])
+    gflops = 3 * flops_fwd * batch / jax_s / 1e9
+    row = {
+        "batch_size": batch,
+        "dtype": config.model.dtype,
+        "device": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "cpu_ynn_convolutions_off": cpu_flags.active(),
+        "num_devices": len(devices),
+        "steps": len(times["jax"]),
+        "step_s": jax_s,
+        "step_s_min": min(times["jax"]),
+        "step_s_max": max(times["jax"]),
+        "images_per_sec": batch / jax_s,
+        "gflops": gflops,
+        "peak_gflops": peak,
+        "fraction_of_peak": gflops / peak,
+    }
+    if "torch" in times:
+        torch_s = statistics.median(times["torch"])
+        row |= {
+            "torch_step_s": torch_s,
+            "torch_images_per_sec": batch / torch_s,
+            "jax_over_torch": torch_s / jax_s,
+        }
+    return row
+
+
+def _format(r: dict[str, Any]) -> str:
+    line = (
+        f"batch {r['batch_size']:>4} {r['dtype']:>8}: step {1e3 * r['step_s']:8.1f} ms "
+        f"(median of {r['steps']}, min {1e3 * r['step_s_min']:.1f}, "
+        f"max {1e3 * r['step_s_max']:.1f})"
+        f"  {r['images_per_sec']:8.1f} img/s  {r['gflops']:7.1f} GFLOP/s"
+        f"  {100 * r['fraction_of_peak']:5.1f} % of matmul peak"
+    )
+    if "torch_step_s" in r:
+        line += (
+            f"  | PyTorch {1e3 * r['torch_step_s']:8.1f} ms {r['torch_images_per_sec']:7.1f} img/s"
+            f"  JAX/PyTorch {r['jax_over_torch']:.2f}x"
+        )
+    return line
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    p = argparse.ArgumentParser(
+        prog="python -m alexnet_jax.bench", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--experiment", default="experiments/imagenet.py", help="EXPERIMENT.py[:ARG]")
+    p.add_argument("--batch_sizes", type=_ints, default=[64], help="comma-separated global sizes")
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--no_torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument("--torch_channels_last", action="store_true", help="NHWC PyTorch tensors")
+    p.add_argument("--matmul_size", type=int, help="n of the peak matmul (CPU 2048, else 8192)")
+    p.add_argument("--out", help="append one JSON line per setting to this file")
+    rest, overrides = [], {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config.") :].partition("=")
+            if not sep:
+                raise UsageError(f"{arg} needs a value: --config.{key}=VALUE")
+            overrides[key] = value
+        else:
+            rest.append(arg)
+    args = p.parse_args(rest)
+    for dtype in args.dtypes:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UsageError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cpu_flags.configure()  # before JAX starts its backend; a no-op if `import alexnet_jax` did it
+    try:
+        run(*parse_args(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Mixed precision: `model.dtype=bfloat16` computes in bfloat16, keeps float32 parameters and
+optimiser state, and trains the quickstart like float32 does."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import optim, parallel, train
+from alexnet_jax.data import make_source
+from alexnet_jax.model import from_config
+from experiments import digits
+
+STEPS = 30
+
+
+def _config(dtype: str):
+    config = digits.get_config()
+    config.model.dtype = dtype
+    config.data.augment = False
+    config.optim.warmup_epochs = 0.0  # learn from the first step: a short run shows the curves
+    return config
+
+
+def _train(dtype: str, source):
+    """The quickstart's first STEPS steps through the real pmapped step on the real digits data."""
+    config = _config(dtype)
+    model = from_config(config.model)
+    steps_per_epoch, total = train.num_train_steps(config, source.info.num_examples["train"])
+    schedule = optim.make_schedule(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total)
+    state, tx = train.create_state(config, model, source.info.image_shape)
+    steps = train.make_steps(model, tx, schedule)
+    per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
+    batches = source.train_batches(per_process, seed=config.seed)
+    pstate = parallel.replicate(state)
+    rng = parallel.replicate(train.dropout_base_key(config.seed))
+    losses = []
+    for _, batch in zip(range(STEPS), parallel.prefetch(batches), strict=False):
+        pstate, metrics = steps.train(pstate, batch, rng)
+        losses.append(float(parallel.unreplicate(metrics)["loss"]))
+    return np.array(losses), jax.device_get(parallel.unreplicate(pstate))
+
+
+@pytest.fixture(scope="module")
+def runs():  # two compilations and 2 x STEPS steps: 20-35 s on 2 cores
+    source = make_source(_config("float32"))  # the data do not depend on the dtype
+    return {dtype: _train(dtype, source) for dtype in ("float32", "bfloat16")}
+
+
+@pytest.mark.slow
+def test_bfloat16_training_tracks_float32(runs):
+    f32, bf16 = runs["float32"][0], runs["bfloat16"][0]
+    # Same initial parameters, batches and dropout masks: the curves start together, both fall,
+    # and stay within a few per cent (about 2 % here; bf16 keeps 8 bits of mantissa).
+    assert abs(bf16[0] - f32[0]) < 0.01 * f32[0]
+    for losses in (f32, bf16):
+        assert losses[-5:].mean() < 0.95 * losses[:5].mean()
+    np.testing.assert_allclose(bf16, f32, rtol=0.06)
+
+
+def _float_dtypes(tree) -> set:
+    return {
+        x.dtype for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+    }
+
+
+def test_bfloat16_step_keeps_float32_parameters_and_optimiser_state():
+    """The real train_step, traced (not compiled) under a named axis: what it returns."""
+    config = _config("bfloat16")
+    model = from_config(config.model)
+    state, tx = train.create_state(config, model, (64, 64, 3))
+    schedule = optim.make_schedule(config.optim, steps_per_epoch=10, total_steps=100)
+    step = functools.partial(
+        train.train_step, model=model, tx=tx, schedule=schedule, axis_name=parallel.AXIS
+    )
+    one = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)  # noqa: E731
+    batch = {
+        "image": jax.ShapeDtypeStruct((1, 8, 64, 64, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((1, 8), jnp.int32),
+    }
+    new_state, metrics = jax.eval_shape(
+        jax.vmap(step, axis_name=parallel.AXIS),
+        one(state),
+        batch,
+        one(train.dropout_base_key(config.seed)),
+    )
+    assert _float_dtypes((new_state.params, new_state.opt_state)) == {jnp.dtype("float32")}
+    assert metrics["loss"].dtype == jnp.float32
+
+
+@pytest.mark.slow
+def test_bfloat16_run_keeps_finite_float32_parameters(runs):
+    state = runs["bfloat16"][1]
+    assert _float_dtypes((state.params, state.opt_state)) == {jnp.dtype("float32")}
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+
+
+_HEAVY = ("conv_general_dilated", "dot_general")
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, including those inside custom_vjp and jit calls."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr holds a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
+
+
+def test_bfloat16_computes_in_bfloat16():
+    """The convolutions and matmuls of the bf16 model take bf16 operands; the logits are f32."""
+    config = _config("bfloat16")
+    model = from_config(config.model)
+    x = jnp.zeros((2, 64, 64, 3), jnp.float32)
+    params = jax.jit(lambda k: model.init(k, x, train=False)["params"])(jax.random.key(0))
+    jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, train=False))(params, x)
+    heavy = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name in _HEAVY]
+    assert len(heavy) >= 8  # 5 convolutions (8 with the groups split), 3 dense layers, 2 LRNs
+    assert all(v.aval.dtype == jnp.bfloat16 for eqn in heavy for v in eqn.invars)
+    assert jax.eval_shape(lambda: model.apply({"params": params}, x, train=False)).dtype == (
+        jnp.float32
+    )
