@@ -11,6 +11,13 @@ LRN, dropout, SGD with momentum; `alexnet_jax.torch_reference`) is timed in the 
 one PyTorch step after each JAX step, so that both see the same machine load, and the ratio
 JAX/PyTorch is printed (> 1: JAX is faster).
 
+XLA:CPU settings: `alexnet_jax.cpu_flags` (convolutions on Eigen, matmuls and reductions on
+YNNPACK) is applied before JAX starts, as in `launch.py`. Optional, for both frameworks alike: on
+Linux, glibc's malloc tunables
+    GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296
+keep the step's large temporary buffers in the heap instead of mapping fresh zeroed pages every
+step (another ~15 % for JAX and ~20 % for PyTorch on 2 cores; README, "Performance").
+
 Model FLOPs: 2 x the multiply-adds of the convolutions and dense layers (0.724 GMAC per 224 px
 image for the paper's network, section 3), times 3 for a training step (forward, and a backward
 pass that costs twice the forward). Peak: the best of several large float32 (or bfloat16) matmuls

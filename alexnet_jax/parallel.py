@@ -23,8 +23,10 @@ AXIS = "batch"  # the pmap axis name used across the codebase
 
 def batch_sharding() -> jax.sharding.NamedSharding:
     """Splits a leading axis of size `local_device_count` over the local devices."""
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+    # The axis is named like the pmap axis: the step's outputs then carry the same sharding as
+    # its inputs, and the train step compiles once instead of twice.
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
 
 def per_device_batch(global_batch: int) -> int:
