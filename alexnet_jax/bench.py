@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cpu_flags, optim, parallel, train
+from alexnet_jax import cpu_flags, parallel, train
 from alexnet_jax.data import make_source
 from alexnet_jax.errors import UsageError
 from alexnet_jax.model import AlexNet, from_config
@@ -88,11 +88,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 def jax_runner(config: ml_collections.ConfigDict) -> Callable[[], None]:
     """One blocking call of the real pmapped train step per call, on a fixed synthetic batch."""
     source = make_source(config)
-    model = from_config(config.model)
-    steps_per_epoch, total = train.num_train_steps(config, source.info.num_examples["train"])
-    schedule = optim.make_schedule(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total)
-    state, tx = train.create_state(config, model, source.info.image_shape)
-    steps = train.make_steps(model, tx, schedule)
+    state, steps, _, _ = train.build(config, source.info)
     per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
     batch = next(parallel.prefetch(source.train_batches(per_process, seed=config.seed)))
     rng = parallel.replicate(train.dropout_base_key(config.seed))

@@ -23,7 +23,7 @@ from jax import lax
 
 from alexnet_jax import checkpoint, optim, parallel
 from alexnet_jax import evaluate as evaluation
-from alexnet_jax.data import Source, make_source
+from alexnet_jax.data import DatasetInfo, Source, make_source
 from alexnet_jax.errors import NonFiniteError, Preempted, UsageError
 from alexnet_jax.metrics import MetricWriter, Progress, Throughput, cross_entropy, top_k_error
 from alexnet_jax.model import AlexNet, from_config
@@ -188,6 +188,19 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def build(
+    config: ml_collections.ConfigDict, info: DatasetInfo
+) -> tuple[TrainState, Steps, int, int]:
+    """The initial host state, the pmapped steps, steps per epoch and total steps of a run."""
+    model = from_config(config.model)
+    steps_per_epoch, total_steps = num_train_steps(config, info.num_examples["train"])
+    schedule = optim.make_schedule(
+        config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    state, tx = create_state(config, model, info.image_shape)
+    return state, make_steps(model, tx, schedule), steps_per_epoch, total_steps
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, validates periodically, checkpoints, and evaluates the test split once at the end.
 
@@ -197,13 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     primary = jax.process_index() == 0
     source = make_source(config)
     info = source.info
-    model = from_config(config.model)
-    steps_per_epoch, total_steps = num_train_steps(config, info.num_examples["train"])
-    schedule = optim.make_schedule(
-        config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
-    state, tx = create_state(config, model, info.image_shape)
-    steps = make_steps(model, tx, schedule)
+    state, steps, steps_per_epoch, total_steps = build(config, info)
 
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)

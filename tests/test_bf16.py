@@ -27,11 +27,7 @@ def _config(dtype: str):
 def _train(dtype: str, source):
     """The quickstart's first STEPS steps through the real pmapped step on the real digits data."""
     config = _config(dtype)
-    model = from_config(config.model)
-    steps_per_epoch, total = train.num_train_steps(config, source.info.num_examples["train"])
-    schedule = optim.make_schedule(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total)
-    state, tx = train.create_state(config, model, source.info.image_shape)
-    steps = train.make_steps(model, tx, schedule)
+    state, steps, _, _ = train.build(config, source.info)
     per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
     batches = source.train_batches(per_process, seed=config.seed)
     pstate = parallel.replicate(state)
