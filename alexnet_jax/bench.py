@@ -3,7 +3,7 @@
     python -m alexnet_jax.bench [--batch_sizes 64,128] [--steps 10] [--dtypes float32,bfloat16]
                                 [--no_torch] [--out results.jsonl] [--config.KEY=VALUE ...]
 
-What is timed: `alexnet_jax.train.make_steps(...).train`, the same `jax.pmap`ped step (over all
+What is timed: `alexnet_jax.steps.build(...)[1].train`, the same `jax.pmap`ped step (over all
 local devices, state donated) that `launch.py` runs, on one synthetic batch made on the devices.
 The first steps compile and are not timed; each timed step waits for its result, and the report
 is the median over `--steps` steps. When PyTorch is installed, the same network (grouped convs,
@@ -42,10 +42,10 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cpu_flags, parallel, train
+from alexnet_jax import cpu_flags, steps
 from alexnet_jax.data import make_source
 from alexnet_jax.errors import UsageError
-from alexnet_jax.model import AlexNet, from_config
+from alexnet_jax.model import DTYPES, AlexNet, from_config
 
 
 def forward_flops(model: AlexNet, image_shape: tuple[int, int, int]) -> float:
@@ -88,14 +88,17 @@ def _timed(fn: Callable[[], Any]) -> float:
 def jax_runner(config: ml_collections.ConfigDict) -> Callable[[], None]:
     """One blocking call of the real pmapped train step per call, on a fixed synthetic batch."""
     source = make_source(config)
-    state, steps, _, _ = train.build(config, source.info)
-    per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
-    batch = next(parallel.prefetch(source.train_batches(per_process, seed=config.seed)))
-    rng = parallel.replicate(train.dropout_base_key(config.seed))
-    box = {"state": parallel.replicate(state)}
+    state, run, _, _ = steps.build(config, source.info)
+    plan = run.plan
+    per_process = plan.per_process_batch(config.batch_size)
+    batch = next(plan.prefetch(source.train_batches(per_process, seed=config.seed)))
+    rng = plan.put_state(steps.dropout_base_key(config.seed))
+    box = {"state": plan.put_state(state)}
+    train = run.train
+    assert train is not None
 
     def step() -> None:
-        box["state"], metrics = steps.train(box["state"], batch, rng)
+        box["state"], metrics = train(box["state"], batch, rng)
         jax.block_until_ready((box["state"], metrics))
 
     return step
@@ -156,8 +159,7 @@ def bench_config(
 
 
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, Any]]:
-    base = config_lib.load_config(args.experiment)
-    config_lib.apply_overrides(base, overrides)
+    base = config_lib.resolve(args.experiment, overrides)
     devices = jax.local_devices()
     print(
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
@@ -260,19 +262,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]
     p.add_argument("--torch_channels_last", action="store_true", help="NHWC PyTorch tensors")
     p.add_argument("--matmul_size", type=int, help="n of the peak matmul (CPU 2048, else 8192)")
     p.add_argument("--out", help="append one JSON line per setting to this file")
-    rest, overrides = [], {}
-    for arg in argv:
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config.") :].partition("=")
-            if not sep:
-                raise UsageError(f"{arg} needs a value: --config.{key}=VALUE")
-            overrides[key] = value
-        else:
-            rest.append(arg)
+    rest, overrides = config_lib.split_overrides(argv)
     args = p.parse_args(rest)
     for dtype in args.dtypes:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise UsageError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        config_lib.check_choice("--dtypes", dtype, DTYPES)
     return args, overrides
 
 

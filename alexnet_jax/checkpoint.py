@@ -24,19 +24,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from alexnet_jax import compat, workdir
 from alexnet_jax.errors import UsageError
-
-# Keys that may differ on resume: they cannot change the numbers a run produces (logging and
-# saving intervals, where the data lives), or they extend the run (the issue's "may be extended").
-HARMLESS_CHANGES = (
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "eval.batch_size",
-    "data.data_dir",
-    "data.manual_dir",
-)
-RESUMABLE_CHANGES = (*HARMLESS_CHANGES, "num_train_steps", "num_epochs")
 
 
 def _val_error(metrics: dict[str, float]) -> float:
@@ -46,8 +35,8 @@ def _val_error(metrics: dict[str, float]) -> float:
 class Checkpointer:
     """The run's CheckpointManager: keeps the latest `keep` checkpoints and the best one."""
 
-    def __init__(self, workdir: str, *, keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    def __init__(self, workdir_path: str, *, keep: int = 3):
+        self.directory = os.path.abspath(os.path.join(workdir_path, workdir.CHECKPOINTS))
         # The best checkpoint by validation top-1 error survives even when it is older than the
         # latest `keep` (model selection uses validation, never test).
         preservation = policies.AnyPreservationPolicy(
@@ -83,12 +72,7 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The kept checkpoint with the lowest validation top-1 error (None if none has one)."""
-        scored = [
-            (info.metrics["val_top1_error"], info.step)
-            for info in self._manager._checkpoints
-            if info.metrics and "val_top1_error" in info.metrics
-        ]
-        return min(scored)[1] if scored else None
+        return self._manager.best_step()  # best_fn/best_mode rank by validation error
 
     def save(
         self, step: int, state: Any, meta: dict[str, Any], val_top1_error: float | None = None
@@ -125,61 +109,62 @@ class Checkpointer:
         self._manager.close()
 
 
-def make_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+def make_meta(
+    config: ml_collections.ConfigDict, step: int, total_steps: int | None = None
+) -> dict[str, Any]:
     return {
         "config": json.loads(config.to_json_best_effort()),
+        "total_steps": total_steps,  # what the schedule was stretched over
         "seed": config.seed,  # every PRNG key is folded from it and the step
         "data_position": step,  # the sources' order is a function of the step
     }
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_changes(
-    saved: dict[str, Any],
-    config: ml_collections.ConfigDict,
-    allowed: tuple[str, ...] = RESUMABLE_CHANGES,
-) -> list[str]:
-    """'key: old -> new' for every result-changing difference between two configs.
-
-    Only keys that both configs have are compared: a field added to the code since the run
-    started defaults to the old behaviour, and must not lock old workdirs.
-    """
-    old = _flatten(saved)
-    new = _flatten(json.loads(config.to_json_best_effort()))
-    return [
-        f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in sorted(old.keys() & new.keys())
-        if old[key] != new[key] and key not in allowed
-    ]
-
-
 def resume(
-    ckpt: Checkpointer, state: Any, config: ml_collections.ConfigDict, workdir: str
+    ckpt: Checkpointer,
+    state: Any,
+    config: ml_collections.ConfigDict,
+    workdir_path: str,
+    total_steps: int | None = None,
 ) -> tuple[int, Any]:
     """(step, state) from the latest checkpoint, or (0, `state`) for a new run.
 
     Refuses (UsageError, exit 2) a resume whose config differs in a result-changing key: a
-    run that silently continued under other hyper-parameters would poison every ablation.
+    run that silently continued under other hyper-parameters would poison every ablation. A run
+    may be extended, except where the schedule depends on its length (cosine), which a longer
+    run would re-stretch from the resumed step on; it may not be shortened below its step.
     """
     step = ckpt.latest_step()
     if step is None:
         return 0, state
-    changes = config_changes(ckpt.restore_meta(step)["config"], config)
-    if changes:
-        raise UsageError(
-            f"{workdir} holds a run with a different config; refusing to resume it "
-            f"({'; '.join(changes)}). Use another --workdir or the original config."
-        )
+    meta = ckpt.restore_meta(step)
+    compat.require_same(
+        meta["config"],
+        config,
+        "resume",
+        f"{workdir_path} holds a run with a different config; refusing to resume it",
+        "use another --workdir or the original config",
+    )
+    if total_steps is not None:
+        _check_length(meta, config, step, total_steps, workdir_path)
     return step, ckpt.restore(state, step)
+
+
+def _check_length(
+    meta: dict[str, Any], config: ml_collections.ConfigDict, step: int, total: int, where: str
+) -> None:
+    if total < step:
+        raise UsageError(
+            f"{where} is at step {step}, past the {total} steps asked for; a run cannot be "
+            "shortened: use another --workdir, or --mode eval/test on this one"
+        )
+    planned = meta.get("total_steps")
+    if planned is not None and planned != total and config.optim.schedule == "cosine":
+        raise UsageError(
+            f"{where} was planned for {planned} steps with optim.schedule='cosine', whose "
+            f"learning rate depends on the run's length: extending it to {total} would not be "
+            f"the run a {total}-step plan gives; start a new --workdir with num_train_steps={total}"
+        )
 
 
 @contextlib.contextmanager
@@ -214,6 +199,9 @@ def sigterm_requested() -> Iterator[Callable[[int], bool]]:
 def _preemption_service() -> bool:
     """Whether this is a multi-process run with JAX's preemption service listening for SIGTERM."""
     import jax
-    from jax._src import distributed  # the state multihost_utils itself reads
 
-    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+    return (
+        jax.process_count() > 1
+        and jax.distributed.is_initialized()
+        and bool(jax.config.jax_enable_preemption_service)
+    )

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="multi-host: how long to wait for every process to join (default 300)",
     )
-    # Evaluation modes (alexnet_jax/evaluate.py).
+    # Evaluation modes (alexnet_jax/evaluate.py, predict.py, filters.py).
     p.add_argument("--force_test", action="store_true", help="--mode test on a tested workdir")
     p.add_argument("--image", nargs="+", default=[], metavar="PATH", help="for --mode predict")
     p.add_argument(
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="latest",
         help="for eval/test/predict/filters: 'latest', 'best' (validation) or a step",
     )
-    # Sweeps (an experiment file that defines sweep(arg=None); see alexnet_jax/sweep.py).
+    # Sweeps (an experiment file that defines sweep(arg=None); see alexnet_jax/sweep/).
     p.add_argument("--sweep_index", type=int, help="run only point I (e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--sweep_list", action="store_true", help="print one command per point, exit")
     p.add_argument("--sweep_seeds", type=int, help="run each point with N seeds: seed, seed+1, ...")
@@ -66,23 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     """Splits `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides from the other flags."""
-    overrides: dict[str, str] = {}
-    rest: list[str] = []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config.") :].partition("=")
-            if not sep:
-                if i + 1 >= len(argv):
-                    raise UsageError(f"{arg} needs a value: --config.{key}=VALUE")
-                i += 1
-                value = argv[i]
-            overrides[key] = value
-        else:
-            rest.append(arg)
-        i += 1
+    rest, overrides = config_lib.split_overrides(argv)
     return build_parser().parse_args(rest), overrides
 
 
@@ -90,12 +74,6 @@ def default_workdir(spec: str) -> str:
     path, arg = config_lib.split_spec(spec)
     name = os.path.splitext(os.path.basename(path))[0]
     return os.path.join("runs", f"{name}_{arg}" if arg else name)
-
-
-def resolve_config(spec: str, overrides: dict[str, str]) -> ml_collections.ConfigDict:
-    config = config_lib.load_config(spec)
-    config_lib.apply_overrides(config, overrides)
-    return config
 
 
 def dry_run(config: ml_collections.ConfigDict) -> None:
@@ -116,12 +94,12 @@ def run(argv: Sequence[str]) -> int:
     args, overrides = parse_args(argv)
     module = config_lib.load_module(config_lib.split_spec(args.experiment)[0])
     if hasattr(module, "sweep"):
-        from alexnet_jax import sweep
+        from alexnet_jax.sweep import runner
 
-        return sweep.run_from_args(args, overrides, module, default_workdir(args.experiment))
+        return runner.run_from_args(args, overrides, module, default_workdir(args.experiment))
     if args.sweep_index is not None or args.sweep_list or args.sweep_seeds is not None:
         raise UsageError("--sweep_* flags need an experiment that defines sweep(arg=None)")
-    config = resolve_config(args.experiment, overrides)
+    config = config_lib.resolve(args.experiment, overrides)
 
     from alexnet_jax import parallel  # imports JAX; after the cheap checks above
 
@@ -149,14 +127,14 @@ def run(argv: Sequence[str]) -> int:
 
 def run_mode(args: argparse.Namespace, config: ml_collections.ConfigDict, workdir: str) -> int:
     """The modes that read a trained workdir: eval, test, predict, filters."""
-    from alexnet_jax import evaluate, filters
+    from alexnet_jax import evaluate, filters, predict
 
     if args.mode == "eval":
         evaluate.run_eval(config, workdir, checkpoint=args.checkpoint)
     elif args.mode == "test":
         evaluate.run_test(config, workdir, force=args.force_test, checkpoint=args.checkpoint)
     elif args.mode == "predict":
-        evaluate.run_predict(config, workdir, args.image, checkpoint=args.checkpoint)
+        predict.run_predict(config, workdir, args.image, checkpoint=args.checkpoint)
     elif args.mode == "filters":
         filters.run_filters(config, workdir, checkpoint=args.checkpoint)
     return 0

@@ -10,11 +10,13 @@ as cuda-convnet's filter display does.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
+
+from alexnet_jax import workdir
+from alexnet_jax.evaluate import load_params
 
 GAP = 2  # pixels between kernels, in display pixels after upscaling
 BACKGROUND = (40, 40, 40)
@@ -79,23 +81,17 @@ def filter_image(kernel: np.ndarray, groups: int, scale: int = 5) -> Any:
     return canvas
 
 
-def run_filters(
-    config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = "latest"
-) -> str:
+def run_filters(config: ml_collections.ConfigDict, path: str, *, checkpoint: str = "latest") -> str:
     """Writes `<workdir>/filters.png` from a checkpoint's conv1 kernels; prints the path."""
-    import jax
-
-    from alexnet_jax.evaluate import load_params
-
-    step, params, label = load_params(config, workdir, checkpoint)
+    step, params, label = load_params(config, path, checkpoint)
     kernel = np.asarray(params["conv1"]["kernel"], np.float32)  # [11, 11, 3, 96] (HWIO)
     image = filter_image(kernel, config.model.groups)
-    path = os.path.join(workdir, "filters.png")
-    if jax.process_index() == 0:
-        image.save(path)
+    out = workdir.path(path, workdir.FILTERS)
+    if workdir.is_primary():
+        image.save(out)
         print(
-            f"{path}: {kernel.shape[-1]} conv1 kernels of the {label} checkpoint (step {step}), "
+            f"{out}: {kernel.shape[-1]} conv1 kernels of the {label} checkpoint (step {step}), "
             f"{config.model.groups} column(s)",
             flush=True,
         )
-    return path
+    return out

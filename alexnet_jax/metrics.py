@@ -1,4 +1,5 @@
-"""Classification metrics, the metric writers (metrics.jsonl + TensorBoard) and the progress bar."""
+"""Classification metrics, the metric writers (metrics.jsonl + TensorBoard), the per-layer table
+and the progress bar."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from alexnet_jax import workdir
 
 Array = jax.Array
 
@@ -37,13 +40,13 @@ class MetricWriter:
     everything it logged.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, path: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir.path(path, workdir.METRICS)
         self._tb: dict[str, Any] = {}
-        self._workdir = workdir
+        self._workdir = path
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            os.makedirs(path, exist_ok=True)
             if resume_step is not None:  # a training run (re)starting at `resume_step`
                 self._drop_lines_after(resume_step)
 
@@ -53,18 +56,17 @@ class MetricWriter:
         A run killed after its last checkpoint logged steps that the resumed run repeats
         (identically); dropping them keeps metrics.jsonl the log of one uninterrupted run.
         """
-        lines = read_metrics(self._workdir)
+        lines = workdir.read_metrics(self._workdir)
         keep = [m for m in lines if m["split"] not in ("train", "val") or m["step"] <= step]
         if len(keep) != len(lines):
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in keep)
+            text = "".join(json.dumps(m) + "\n" for m in keep)
+            workdir.write_atomic(self.path, text)  # a SIGKILL here keeps the old log whole
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: _to_python(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+        workdir.append_jsonl(self.path, {"step": int(step), "split": split, **clean})
         self._tensorboard(step, split, clean)
 
     def write_scalars(self, step: int, split: str, scalars: dict[str, float]) -> None:
@@ -78,7 +80,7 @@ class MetricWriter:
         if split not in self._tb:
             from tensorboardX import SummaryWriter
 
-            self._tb[split] = SummaryWriter(os.path.join(self._workdir, "tb", split))
+            self._tb[split] = SummaryWriter(os.path.join(self._workdir, workdir.TENSORBOARD, split))
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb[split].add_scalar(key, value, int(step))
@@ -97,23 +99,30 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All lines of a workdir's metrics.jsonl (an empty list if there is none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-            # A run killed in the middle of a write leaves a torn last line; it is dropped (the
-            # resumed run logs that step again).
-    return out
+def layer_norms(params: Any, update: Any) -> dict[str, dict[str, float]]:
+    """Per layer: the weight norm and |last update| / |weight|, as cuda-convnet2 printed them.
+
+    A healthy ratio is around 1e-3 (Karpathy's rule of thumb); far above, the lr is too high
+    for that layer; far below, it is not learning. `update` is read from the momentum buffer
+    (`optim.last_update`), so this costs no extra work in the step.
+    """
+    table = {}
+    for layer, leaves in params.items():
+        w = float(optax.tree.norm(leaves["kernel"]))
+        u = float(optax.tree.norm(update[layer]["kernel"]))
+        table[layer] = {"weight_norm": w, "update_ratio": u / max(w, 1e-12)}
+    return table
+
+
+def format_layer_table(table: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'layer':<8}{'|w|':>12}{'|dw|/|w|':>12}"]
+    for layer, row in table.items():
+        lines.append(f"{layer:<8}{row['weight_norm']:>12.4g}{row['update_ratio']:>12.3g}")
+    return "\n".join(lines)
+
+
+def flatten_table(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{layer}/{k}": v for layer, row in table.items() for k, v in row.items()}
 
 
 class Progress:

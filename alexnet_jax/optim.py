@@ -55,8 +55,6 @@ def make_optimizer(
     optim_config: ml_collections.ConfigDict, params: Any
 ) -> optax.GradientTransformation:
     """The update rule with an injectable `learning_rate` (set by the train step every step)."""
-    if optim_config.update_rule not in UPDATE_RULES:
-        raise ValueError(f"unknown update_rule {optim_config.update_rule!r}")
     rule = UPDATE_RULES[optim_config.update_rule]
     mask = decay_mask(params, decay_biases=optim_config.decay_biases)
     return optax.inject_hyperparams(rule, static_args=("momentum", "weight_decay", "mask"))(
@@ -73,30 +71,37 @@ def set_learning_rate(opt_state: Any, lr: jax.Array) -> Any:
     return opt_state._replace(hyperparams=hyper)
 
 
+def _flat(optim_config: ml_collections.ConfigDict, steps_per_epoch: int, warmup: int, total: int):
+    """'plateau' and 'constant': flat here (the plateau drops come from `plateau_update`)."""
+    return optax.constant_schedule(optim_config.learning_rate)
+
+
+def _step(optim_config: ml_collections.ConfigDict, steps_per_epoch: int, warmup: int, total: int):
+    """Multiplies by `step_factor` at each of `step_epochs`."""
+    boundaries = {
+        round(e * steps_per_epoch) - warmup: optim_config.step_factor
+        for e in optim_config.step_epochs
+    }
+    return optax.piecewise_constant_schedule(optim_config.learning_rate, boundaries)
+
+
+def _cosine(optim_config: ml_collections.ConfigDict, steps_per_epoch: int, warmup: int, total: int):
+    """Decays to 0 at the last step (so it depends on the run's length)."""
+    return optax.cosine_decay_schedule(optim_config.learning_rate, max(total - warmup, 1))
+
+
+# optim.schedule -> builder of the schedule after the warmup.
+SCHEDULES = {"plateau": _flat, "constant": _flat, "step": _step, "cosine": _cosine}
+
+
 def make_schedule(
     optim_config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int
 ) -> optax.Schedule:
-    """The step-dependent part of the learning rate; the plateau factor multiplies it.
-
-    'plateau' and 'constant' are flat here (the plateau drops come from `plateau_update`),
-    'step' divides by `1/step_factor` at the given epochs, 'cosine' decays to 0 at the end.
-    Each can start with a linear warmup of `warmup_epochs`.
-    """
+    """The step-dependent part of the learning rate (`SCHEDULES`); the plateau factor multiplies
+    it. Each can start with a linear warmup of `warmup_epochs`."""
     lr = optim_config.learning_rate
     warmup = round(optim_config.warmup_epochs * steps_per_epoch)
-    kind = optim_config.schedule
-    if kind in ("plateau", "constant"):
-        main = optax.constant_schedule(lr)
-    elif kind == "step":
-        boundaries = {
-            round(e * steps_per_epoch) - warmup: optim_config.step_factor
-            for e in optim_config.step_epochs
-        }
-        main = optax.piecewise_constant_schedule(lr, boundaries)
-    elif kind == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
-    else:
-        raise ValueError(f"unknown schedule {kind!r}; use plateau, step, cosine or constant")
+    main = SCHEDULES[optim_config.schedule](optim_config, steps_per_epoch, warmup, total_steps)
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])

@@ -1,9 +1,14 @@
-"""Data parallelism: device placement of batches and state, prefetching, and jax.distributed.
+"""Parallel plans: how a run's state and batches are laid out on the devices, and moved there.
 
-The steps themselves stay pure per-device functions that take `axis_name`; this module only
-moves arrays. Since JAX 0.8, `jax.device_put_replicated`/`device_put_sharded` are gone: a
-leading device axis is placed with a `NamedSharding` over a one-axis mesh of the local devices,
-in the order `jax.pmap` expects.
+A plan is chosen by `parallel.mode` (`PLANS`). It owns placement only: putting the host state
+and host batches on the devices in the layout its steps expect, prefetching, and reading state
+and metrics back. How the pure per-device steps are wrapped for the plan (`jax.pmap` today) is
+`steps.py`'s; the training loop, the evaluation modes and the checkpoints see only the plan.
+
+'data' is today's data parallelism: the state is replicated along a leading device axis and
+each device takes `global_batch / devices` examples. Since JAX 0.8 `device_put_replicated` and
+`device_put_sharded` are gone: a leading device axis is placed with a `NamedSharding` over a
+one-axis mesh of the local devices, in the order `jax.pmap` expects.
 """
 
 from __future__ import annotations
@@ -11,14 +16,27 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from alexnet_jax.errors import UsageError
 
-AXIS = "batch"  # the pmap axis name used across the codebase
+AXIS = "batch"  # the data-parallel axis name, for pmap and the mesh alike
+
+
+class Plan(Protocol):
+    """What the training loop and the evaluation pass need from a parallel layout."""
+
+    mode: str
+    axis_name: str
+
+    def per_process_batch(self, global_batch: int) -> int: ...
+    def put_state(self, tree: Any) -> Any: ...
+    def get_state(self, tree: Any) -> Any: ...
+    def get_metrics(self, tree: Any) -> Any: ...
+    def prefetch(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]: ...
 
 
 def batch_sharding() -> jax.sharding.NamedSharding:
@@ -82,6 +100,39 @@ def prefetch(batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterato
             queue.append(shard(batch))
 
 
+class DataPlan:
+    """`parallel.mode='data'`: replicated state, the batch split over every device."""
+
+    mode = "data"
+    axis_name = AXIS
+
+    def per_process_batch(self, global_batch: int) -> int:
+        return per_device_batch(global_batch) * jax.local_device_count()
+
+    def put_state(self, tree: Any) -> Any:
+        return replicate(tree)
+
+    def get_state(self, tree: Any) -> Any:
+        """A host (numpy) copy of a device state, e.g. for a checkpoint."""
+        return jax.device_get(unreplicate(tree))
+
+    def get_metrics(self, tree: Any) -> Any:
+        return jax.device_get(unreplicate(tree))
+
+    def prefetch(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return prefetch(batches)
+
+
+# parallel.mode -> its plan; steps.WRAPPERS holds how each wraps the steps.
+PLANS: dict[str, type] = {"data": DataPlan}
+
+
+def make_plan(parallel_config: Any = None) -> Plan:
+    """The plan that `parallel.mode` names ('data' where a config has no parallel block)."""
+    mode = "data" if parallel_config is None else parallel_config.get("mode", "data")
+    return PLANS[mode]()
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -92,19 +143,17 @@ def initialize_distributed(
 ) -> None:
     """Joins a multi-process JAX cluster; must run before any JAX computation.
 
-    With explicit flags, the cluster is formed over `coordinator_address`. Without them,
-    `jax.distributed.initialize()` is called only where JAX detects a cluster by itself (SLURM,
-    Cloud TPU, ...), so a plain single-machine run never waits for a coordinator. The timeouts
-    bound how long a process waits for the others to join, and for a dead process to be noticed
-    (alexnet_jax/distributed.py).
+    With explicit flags, the cluster is formed over `coordinator_address`. Without them, the
+    cluster is the one JAX detects in the environment (SLURM, Cloud TPU, ...); where there is
+    none, a plain single-machine run goes on alone and never waits for a coordinator. The
+    timeouts bound how long a process waits for the others to join, and for a dead process to be
+    noticed (alexnet_jax/distributed.py).
     """
     from alexnet_jax import distributed
 
     _check_cluster_flags(coordinator_address, num_processes, process_id)
     if heartbeat_timeout <= 0 or init_timeout <= 0:
         raise UsageError("--heartbeat_timeout and --init_timeout must be positive (seconds)")
-    if coordinator_address is None and not _cluster_detected():
-        return
     distributed.initialize(
         coordinator_address,
         num_processes,
@@ -128,16 +177,3 @@ def _check_cluster_flags(address: str | None, count: int | None, index: int | No
         raise UsageError(
             f"--process_id must be in [0, --num_processes); got {index} of {count} processes"
         )
-
-
-def _cluster_detected() -> bool:
-    try:
-        from jax._src.clusters import ClusterEnv  # private, but what initialize() itself uses
-    except ImportError:  # pragma: no cover - a future JAX moved it; stay single-process
-        return False
-    # Opt-in environments (mpi4py: merely installed) are skipped, as initialize() skips them.
-    return any(
-        env.is_env_present()
-        for env in ClusterEnv._cluster_types
-        if not getattr(env, "opt_in_only_method", False)
-    )

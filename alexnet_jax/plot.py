@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from alexnet_jax.metrics import read_metrics
+from alexnet_jax.workdir import read_metrics
 
 PANELS = (
     ("train", "loss", "training loss"),

@@ -19,7 +19,8 @@ from experiments import imagenet
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    if arg is not None:
+        raise ValueError(f"unknown arg {arg!r}; experiments/digits.py takes none")
     c = imagenet.get_config()
     c.dataset = "digits"
     c.batch_size = 64

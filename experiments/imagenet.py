@@ -39,7 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "paper"  # 'paper' | 'torchvision' (single tower, 61,100,840 params)
+    # A preset is a base: --config.model.preset=torchvision writes its architecture fields
+    # (single tower, no LRN, 61,100,840 params), and any model field set after it wins.
+    c.model.preset = "paper"  # 'paper' | 'torchvision'  (alexnet_jax.model.PRESETS)
     c.model.num_classes = 1000
     c.model.dropout_rate = 0.5  # on the outputs of fc6 and fc7 (paper section 4.2)
     c.model.use_lrn = True
@@ -53,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.lrn_beta = 0.75
     c.model.lrn_scale_alpha_by_size = False  # paper as printed; cc2/Caffe/torch divide by n
     c.model.lrn_before_relu = False  # paper: after ReLU; cc2 normalises conv1 before it
+    c.model.dropout_before_dense = False  # paper: on fc6/fc7 outputs; torchvision: on their inputs
+    c.model.pool_to_6x6 = False  # torchvision: adaptive 6x6 average pool before fc6
     c.model.init = "paper"  # 'paper' | 'cc2' | 'caffe' | 'he'
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
 
@@ -114,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.folder_val_split = "val"
     c.data.folder_test_split = "test"  # optional directory: only the test evaluation needs it
     c.data.folder_scan = "decode"  # 'decode': screen out unreadable images at start; 'none'
+
+    # How the steps are laid out on the devices (alexnet_jax/parallel.py, steps.py).
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "data"  # 'data': jax.pmap data parallelism, the state on every device
 
     c.eval = ml_collections.ConfigDict()
     c.eval.crops = 10  # the paper's 10 patches (section 4.1); 1 = centre crop, 10x cheaper

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import optim, parallel, train
+from alexnet_jax import optim, parallel, steps
 from alexnet_jax.data import make_source
 from alexnet_jax.model import from_config
 from experiments import digits
@@ -27,14 +27,14 @@ def _config(dtype: str):
 def _train(dtype: str, source):
     """The quickstart's first STEPS steps through the real pmapped step on the real digits data."""
     config = _config(dtype)
-    state, steps, _, _ = train.build(config, source.info)
+    state, run, _, _ = steps.build(config, source.info)
     per_process = parallel.per_device_batch(config.batch_size) * jax.local_device_count()
     batches = source.train_batches(per_process, seed=config.seed)
     pstate = parallel.replicate(state)
-    rng = parallel.replicate(train.dropout_base_key(config.seed))
+    rng = parallel.replicate(steps.dropout_base_key(config.seed))
     losses = []
     for _, batch in zip(range(STEPS), parallel.prefetch(batches), strict=False):
-        pstate, metrics = steps.train(pstate, batch, rng)
+        pstate, metrics = run.train(pstate, batch, rng)
         losses.append(float(parallel.unreplicate(metrics)["loss"]))
     return np.array(losses), jax.device_get(parallel.unreplicate(pstate))
 
@@ -66,10 +66,10 @@ def test_bfloat16_step_keeps_float32_parameters_and_optimiser_state():
     """The real train_step, traced (not compiled) under a named axis: what it returns."""
     config = _config("bfloat16")
     model = from_config(config.model)
-    state, tx = train.create_state(config, model, (64, 64, 3))
+    state, tx = steps.create_state(config, model, (64, 64, 3))
     schedule = optim.make_schedule(config.optim, steps_per_epoch=10, total_steps=100)
     step = functools.partial(
-        train.train_step, model=model, tx=tx, schedule=schedule, axis_name=parallel.AXIS
+        steps.train_step, model=model, tx=tx, schedule=schedule, axis_name=parallel.AXIS
     )
     one = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)  # noqa: E731
     batch = {
@@ -80,7 +80,7 @@ def test_bfloat16_step_keeps_float32_parameters_and_optimiser_state():
         jax.vmap(step, axis_name=parallel.AXIS),
         one(state),
         batch,
-        one(train.dropout_base_key(config.seed)),
+        one(steps.dropout_base_key(config.seed)),
     )
     assert _float_dtypes((new_state.params, new_state.opt_state)) == {jnp.dtype("float32")}
     assert metrics["loss"].dtype == jnp.float32

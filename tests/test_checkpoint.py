@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint, cli, train
+from alexnet_jax import checkpoint, cli, steps
 from alexnet_jax import config as config_lib
-from alexnet_jax.metrics import read_metrics
 from alexnet_jax.model import from_config
+from alexnet_jax.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
@@ -54,7 +54,7 @@ def _final(workdir):
 def _params(workdir, step=None):
     config = config_lib.load_config("experiments/digits.py")
     model = from_config(config.model)
-    state, _ = train.create_state(config, model, (64, 64, 3))
+    state, _ = steps.create_state(config, model, (64, 64, 3))
     ckpt = checkpoint.Checkpointer(str(workdir))
     try:
         return ckpt.restore(state, step).params
@@ -131,12 +131,29 @@ def test_resume_with_a_changed_config_is_refused(uninterrupted, capsys):
     assert err.count("\n") == 1
 
 
-def test_logging_intervals_and_longer_runs_may_change(tmp_path, uninterrupted):
+def test_logging_may_change_but_a_run_is_not_restretched_or_shrunk(tmp_path, uninterrupted, capsys):
     shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
     argv = [*RUN, "--workdir", str(tmp_path), "--config.log_every_steps=7"]
-    argv[1] = "--config.num_train_steps=45"  # extend the run by 5 steps
+    argv[1] = "--config.num_train_steps=45"  # the quickstart's cosine depends on the length
+    assert cli.main(argv) == 2
+    assert "planned for 40 steps with optim.schedule='cosine'" in capsys.readouterr().err
+    argv[1] = "--config.num_train_steps=30"
+    assert cli.main(argv) == 2 and "cannot be shortened" in capsys.readouterr().err
+    argv[1] = "--config.num_train_steps=40"
+    assert cli.main(argv) == 0  # another logging interval: resumes at the end
+    assert _final(tmp_path)[0][-1]["step"] == 40
+
+
+def test_a_run_whose_schedule_ignores_the_length_may_be_extended(tmp_path):
+    argv = [
+        "experiments/digits.py", "--workdir", str(tmp_path), "--config.optim.schedule=constant",
+        "--config.num_train_steps=3", "--config.eval_every_steps=0",
+    ]
     assert cli.main(argv) == 0
-    assert _final(tmp_path)[0][-1]["step"] == 45
+    argv[-2] = "--config.num_train_steps=5"
+    assert cli.main(argv) == 0
+    steps_logged = [m["step"] for m in read_metrics(str(tmp_path)) if m["split"] == "train"]
+    assert steps_logged[-1] == 5 and checkpoint.Checkpointer(str(tmp_path)).latest_step() == 5
 
 
 def test_the_best_checkpoint_is_kept(tmp_path):

@@ -18,11 +18,12 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from alexnet_jax import checkpoint, cli, evaluate, filters, imagenet_classes, train
+from alexnet_jax import checkpoint, cli, data, evaluate, filters, imagenet_classes, records, steps
 from alexnet_jax import config as config_lib
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import MetricWriter
 from alexnet_jax.model import from_config
+from alexnet_jax.workdir import read_metrics
 from experiments import digits
 
 TINY = {"model.conv_features": "(8, 16, 16, 16, 16)", "model.dense_features": "32"}
@@ -42,7 +43,7 @@ def tiny_config(**data):
 def init_state():
     """One initial TrainState of the tiny model (64 x 64 inputs), shared by the tests."""
     config = tiny_config()
-    state, _ = train.create_state(config, from_config(config.model), (64, 64, 3))
+    state, _ = steps.create_state(config, from_config(config.model), (64, 64, 3))
     return state
 
 
@@ -70,7 +71,7 @@ def test_padded_evaluation_counts_each_example_once(n):
     assert source.info.num_examples["val"] == n
     params = init_state().params
 
-    got = evaluate._score(config, source, params, "val")
+    got = evaluate.score(config, source, params, "val")
 
     (whole,) = list(source.eval_batches("val", n))  # every example in one unpadded batch
     assert whole["mask"].all()
@@ -127,7 +128,7 @@ def test_ten_crops_equal_the_hand_computed_average_over_the_ten_views(tmp_path):
     )
     source = make_source(config)
     # Another class count: fc8 differs, so this model has its own parameters.
-    params, _ = train.create_state(config, from_config(config.model), source.info.image_shape)
+    params, _ = steps.create_state(config, from_config(config.model), source.info.image_shape)
     params = params.params
     model = from_config(config.model)
     mean = np.asarray(augment.AugmentConfig.from_config(config.data).mean_rgb, np.float32)
@@ -140,7 +141,7 @@ def test_ten_crops_equal_the_hand_computed_average_over_the_ten_views(tmp_path):
     labels = np.array([c for _, c in pixels["val"]])
     for crops in (10, 1):
         config.eval.crops = crops
-        got = evaluate._score(config, source, params, "val")
+        got = evaluate.score(config, source, params, "val")
         views = np.stack([ten_views(x, size) for x in images])  # [7, 10, H, W, C]
         all_probs = np.asarray(probs_of(views.reshape(-1, *views.shape[2:]))).reshape(7, 10, -1)
         probs = all_probs.mean(1) if crops == 10 else all_probs[:, 4]  # view 4: the centre
@@ -175,7 +176,7 @@ def launch(workdir, *flags):
 def test_test_mode_is_recorded_refused_once_tested_and_forced(workdir, capsys):
     rc, out = launch(workdir, "--mode", "test")
     assert rc == 0, capsys.readouterr().err
-    (entry,) = evaluate.read_ledger(workdir)
+    (entry,) = records.read_ledger(workdir)
     assert entry["step"] == 7 and entry["mode"] == "test" and not entry["forced"]
     assert entry["protocol"]["crops"] == 1 and entry["protocol"]["num_examples"] == 359
     assert set(entry["result"]) == {"loss", "top1_error", "top5_error"} and entry["time"]
@@ -189,20 +190,24 @@ def test_test_mode_is_recorded_refused_once_tested_and_forced(workdir, capsys):
 
     rc, _ = launch(workdir, "--mode", "test", "--force_test")
     assert rc == 0
-    first, second = evaluate.read_ledger(workdir)
+    first, second = records.read_ledger(workdir)
     assert first == entry and second["forced"] and second["result"] == first["result"]
-    lines = [m for m in evaluate.read_metrics(workdir) if m["split"] == "test"]
+    lines = [m for m in read_metrics(workdir) if m["split"] == "test"]
     assert len(lines) == 2 and lines[1]["forced"] and all(m["crops"] == 1 for m in lines)
 
 
 def test_eval_mode_scores_validation_and_checks_the_config(workdir, capsys):
     rc, out = launch(workdir, "--mode", "eval")
     assert rc == 0 and "step 7 val" in out and "centre crop" in out
-    line = [m for m in evaluate.read_metrics(workdir) if m["split"] == "val"][-1]
+    line = [m for m in read_metrics(workdir) if m["split"] == "val"][-1]
     assert line["mode"] == "eval" and line["crops"] == 1 and line["num_examples"] == 180
     capsys.readouterr()
     rc, _ = launch(workdir, "--mode", "eval", "--config.model.dense_features=64")
-    assert rc == 2 and "model.dense_features=32" in capsys.readouterr().err
+    assert rc == 2 and "model.dense_features: 32 -> 64" in capsys.readouterr().err
+    # Other splits would score training images as validation ones (the seed's discipline).
+    rc, _ = launch(workdir, "--mode", "eval", "--config.data.val_fraction=0.2")
+    assert rc == 2 and "data.val_fraction: 0.1 -> 0.2" in capsys.readouterr().err
+    assert not [m for m in read_metrics(workdir) if m.get("mode") == "eval"][1:]
     rc, _ = launch(workdir, "--mode", "eval", "--checkpoint", "best")
     assert rc == 2 and "has a validation result" in capsys.readouterr().err
 
@@ -268,7 +273,7 @@ def test_summary_reports_best_validation_and_the_test_protocol(tmp_path):
         f.writelines(json.dumps(m) + "\n" for m in lines)
     test = {"loss": 1.0, "top1_error": 0.375, "top5_error": 0.125, "crops": 10, "num_examples": 8}
     writer = MetricWriter(str(tmp_path), resume_step=20)
-    evaluate.record_test(
+    records.record_test(
         str(tmp_path),
         20,
         test,
@@ -279,7 +284,7 @@ def test_summary_reports_best_validation_and_the_test_protocol(tmp_path):
         writer=writer,
     )
     with redirect_stdout(io.StringIO()) as out:
-        text = evaluate.write_summary(
+        text = records.write_summary(
             str(tmp_path), last_step=20, first_step=0, wall_s=12.5, test=test
         )
     assert (tmp_path / "summary.md").read_text() == text and text in out.getvalue()
@@ -352,7 +357,7 @@ def test_imagenet_predict_uses_the_eval_transform_and_synset_names(tmp_path):
     path = str(tmp_path / "photo.jpg")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
-    preprocess, names = evaluate.predictor(config)  # no prepared dataset needed
+    preprocess, names = data.predictor(config)  # no prepared dataset needed
     views = preprocess(path)
     assert views.shape == (10, 224, 224, 3)
     with open(path, "rb") as f:
@@ -414,8 +419,8 @@ def test_training_tests_once_and_a_rerun_does_not_look_again(tmp_path, capsys):
         rc, out = launch(workdir, *flags)
         assert rc == 0, capsys.readouterr().err
     assert "not again" in out
-    tests = [m for m in evaluate.read_metrics(workdir) if m["split"] == "test"]
-    (entry,) = evaluate.read_ledger(workdir)
+    tests = [m for m in read_metrics(workdir) if m["split"] == "test"]
+    (entry,) = records.read_ledger(workdir)
     assert len(tests) == 1 and tests[0]["mode"] == "train" and entry["step"] == 4
     summary = (tmp_path / "summary.md").read_text()
     assert "| test error |" in summary and "at step 4 (centre crop, 359 images)" in summary

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax.model import PRESETS, AlexNet, abstract_params, local_response_norm, param_table
+from alexnet_jax.layers import local_response_norm
+from alexnet_jax.model import PRESETS, AlexNet, abstract_params, param_table
 
 
 def _count(model: AlexNet, size: int = 224) -> int:
@@ -143,3 +144,21 @@ def test_torchvision_preset_puts_dropout_before_the_dense_layers():
     # zeroing every fc7 output can't happen; in the paper model the fc7 outputs are dropped.
     model = AlexNet(**PRESETS["torchvision"], num_classes=10, dropout_rate=0.5)
     assert model.dropout_before_dense and not AlexNet().dropout_before_dense
+
+
+def test_a_preset_is_a_base_that_overrides_apply_on_top_of():
+    from alexnet_jax import config as config_lib
+    from alexnet_jax.model import from_config
+    from experiments import imagenet
+
+    config = imagenet.get_config()
+    overrides = {"model.use_lrn": "true", "model.preset": "torchvision", "model.lrn_size": "3"}
+    config_lib.apply_overrides(config, overrides)  # the preset goes first, whatever the order
+    model = from_config(config.model)
+    assert model.groups == 1 and model.pool_to_6x6 and model.dropout_before_dense  # the preset
+    assert model.use_lrn and model.lrn_size == 3  # and the overrides, never dropped
+    config.model.preset = "torchvision"  # the name alone, as a careless experiment file might
+    config.model.update({k: getattr(AlexNet, k) for k in ("groups", "use_lrn", "conv_features")})
+    config.model.update({"dropout_before_dense": False, "pool_to_6x6": False})
+    with pytest.raises(config_lib.UsageError, match="its architecture is not"):
+        config_lib.validate(config, num_devices=1)

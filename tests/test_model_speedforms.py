@@ -17,7 +17,8 @@ import pytest
 from jax import lax
 
 from alexnet_jax import bench, cpu_flags
-from alexnet_jax.model import AlexNet, GroupedConv, local_response_norm, max_pool
+from alexnet_jax.layers import GroupedConv, local_response_norm, max_pool
+from alexnet_jax.model import AlexNet
 
 
 def _grad_of_sum_with(f, x, g):

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from alexnet_jax import cli, parallel
+from alexnet_jax import cli, distributed, parallel
 from alexnet_jax.errors import UsageError
-from alexnet_jax.metrics import read_metrics
+from alexnet_jax.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dropout 0 and no augmentation, as in the issue's 2x2 vs 1x4 comparison.
@@ -136,19 +136,20 @@ def test_bad_cluster_flags_exit_2_with_one_line(flags, message, capsys):
 
 
 def test_without_flags_a_cluster_is_joined_only_where_the_environment_has_one(monkeypatch):
-    slurm = {
-        "SLURM_JOB_ID": "7",
-        "SLURM_STEP_NODELIST": "node[01-02]",
-        "SLURM_NTASKS": "2",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-    }
-    for var in (*slurm, "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
+    """Without flags, JAX's own detection decides (jax.distributed.initialize() with no
+    arguments): no cluster in the environment is a single-process run, joined to nothing."""
+    import jax
+
+    for var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(var, raising=False)
-    assert not parallel._cluster_detected()
-    for var, value in slurm.items():
-        monkeypatch.setenv(var, value)
-    assert parallel._cluster_detected()
+    parallel.initialize_distributed()  # returns at once: nothing to join
+    assert not jax.distributed.is_initialized()
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    monkeypatch.setattr(distributed, "start_watchdog", lambda *a: None)
+    parallel.initialize_distributed()  # a detected cluster: joined with JAX's own arguments
+    assert calls == [(None, None, None)]
     with pytest.raises(UsageError, match="positive"):
         parallel.initialize_distributed(heartbeat_timeout=0)
 

@@ -6,7 +6,10 @@ import numpy as np
 import optax
 import pytest
 
+from alexnet_jax import config as config_lib
 from alexnet_jax import optim
+from alexnet_jax.errors import UsageError
+from experiments import digits
 
 
 def _config(**kw) -> ml_collections.ConfigDict:
@@ -101,6 +104,11 @@ def test_cosine_with_warmup():
     assert 0.0 < float(s(30)) < 0.01
 
 
-def test_unknown_schedule_is_an_error():
-    with pytest.raises(ValueError, match="schedule"):
-        optim.make_schedule(_config(schedule="linear"), steps_per_epoch=1, total_steps=1)
+def test_every_registered_schedule_builds_and_an_unknown_one_is_refused_up_front():
+    for name in optim.SCHEDULES:
+        schedule = optim.make_schedule(_config(schedule=name), steps_per_epoch=2, total_steps=8)
+        assert float(schedule(0)) > 0
+    config = digits.get_config()
+    config.optim.schedule = "linear"
+    with pytest.raises(UsageError, match=r"optim\.schedule must be one of"):
+        config_lib.validate(config, num_devices=1)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from alexnet_jax import cli
-from alexnet_jax.metrics import read_metrics
+from alexnet_jax.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = [

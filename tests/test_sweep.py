@@ -9,9 +9,11 @@ import statistics
 import matplotlib.image
 import pytest
 
-from alexnet_jax import cli, config, sweep
+from alexnet_jax import cli, config
 from alexnet_jax.errors import UsageError
-from alexnet_jax.metrics import MetricWriter, read_metrics
+from alexnet_jax.metrics import MetricWriter
+from alexnet_jax.sweep import grid, report, runner
+from alexnet_jax.workdir import read_metrics
 
 ABLATION = "experiments/ablate_dropout_lrn.py"
 
@@ -20,45 +22,45 @@ def _expand(spec, overrides=None, num_seeds=1):
     path, arg = config.split_spec(spec)
     base = config.load_config(spec)
     config.apply_overrides(base, overrides or {})
-    return sweep.expand(
+    return runner.expand(
         config.load_module(path).sweep(arg), base, overrides or {}, num_seeds=num_seeds
     )
 
 
 def test_grid_helpers():
-    grid = sweep.product(sweep.axis("a", [1, 2]), sweep.axis("b", [True, False]))
-    assert grid == [
+    points = grid.product(grid.axis("a", [1, 2]), grid.axis("b", [True, False]))
+    assert points == [
         {"a": 1, "b": True},
         {"a": 1, "b": False},
         {"a": 2, "b": True},
         {"a": 2, "b": False},
     ]
-    assert sweep.zipped(sweep.axis("a", [1, 2]), sweep.axis("b", ["x", "y"])) == [
+    assert grid.zipped(grid.axis("a", [1, 2]), grid.axis("b", ["x", "y"])) == [
         {"a": 1, "b": "x"},
         {"a": 2, "b": "y"},
     ]
     with pytest.raises(UsageError, match="one length"):
-        sweep.zipped(sweep.axis("a", [1, 2]), sweep.axis("b", [1]))
+        grid.zipped(grid.axis("a", [1, 2]), grid.axis("b", [1]))
     with pytest.raises(UsageError, match="twice"):
-        sweep.product(sweep.axis("a", [1]), sweep.axis("a", [2]))
+        grid.product(grid.axis("a", [1]), grid.axis("a", [2]))
 
 
 def test_point_names_are_filesystem_safe_and_round_trip():
-    assert sweep.point_name({"model.dropout_rate": 0.25, "model.use_lrn": False}) == (
+    assert grid.point_name({"model.dropout_rate": 0.25, "model.use_lrn": False}) == (
         "model.dropout_rate=0.25,model.use_lrn=False"
     )
-    name = sweep.point_name({"data.train_split": "train[:1%]", "model.conv_features": (8, 16)})
+    name = grid.point_name({"data.train_split": "train[:1%]", "model.conv_features": (8, 16)})
     assert name == "data.train_split=train__1__,model.conv_features=8x16"
     # The override text parses back to the same typed value through the config functions.
     c = config.load_config("experiments/digits.py")
     point = {"model.conv_features": (8, 8, 8, 8, 8), "model.dropout_rate": 0, "seed": 3}
-    config.apply_overrides(c, {k: sweep.override_text(v) for k, v in point.items()})
+    config.apply_overrides(c, {k: grid.override_text(v) for k, v in point.items()})
     assert (c.model.conv_features, c.model.dropout_rate, c.seed) == ((8, 8, 8, 8, 8), 0.0, 3)
 
 
 def test_ablation_grid_bases_seeds_and_pinning():
     points = _expand(ABLATION + ":digits")
-    names = [sweep.point_name(p) for p in points]
+    names = [grid.point_name(p) for p in points]
     assert len(points) == 8 and len(set(names)) == 8
     assert "model.dropout_rate=0.25,model.use_lrn=False" in names
     assert {p["model.dropout_rate"] for p in points} == {0.0, 0.25, 0.5, 0.75}
@@ -75,7 +77,7 @@ def test_ablation_grid_bases_seeds_and_pinning():
 
     # Overriding a swept key narrows the grid to its points; the names do not change.
     pinned = _expand(ABLATION + ":digits", {"model.use_lrn": "false"})
-    assert [sweep.point_name(p) for p in pinned] == [n for n in names if n.endswith("=False")]
+    assert [grid.point_name(p) for p in pinned] == [n for n in names if n.endswith("=False")]
     with pytest.raises(UsageError, match=r"no point of the sweep has model\.dropout_rate=0\.3"):
         _expand(ABLATION + ":digits", {"model.dropout_rate": "0.3"})
 
@@ -92,7 +94,7 @@ def test_sweep_list_prints_one_runnable_command_per_point(capsys, tmp_path):
         args, overrides = cli.parse_args(words[2:])
         assert args.sweep_index == i and args.workdir == str(tmp_path)
         assert overrides == {"num_train_steps": "7"}
-        assert comment == sweep.point_name(_expand(ABLATION + ":digits")[i])
+        assert comment == grid.point_name(_expand(ABLATION + ":digits")[i])
     assert not os.listdir(tmp_path)  # listing runs nothing
 
 
@@ -116,16 +118,16 @@ def _fake_run(workdir, val_errors, test_error, *, finish=True):
 
 
 def test_report_tabulates_finished_runs_with_mean_and_std_over_seeds(tmp_path):
-    grid = sweep.product(sweep.axis("model.dropout_rate", [0.0, 0.5]), sweep.axis("x", ["a"]))
-    points = [p | {"seed": s} for p in grid for s in (0, 1)]
+    base = grid.product(grid.axis("model.dropout_rate", [0.0, 0.5]), grid.axis("x", ["a"]))
+    points = [p | {"seed": s} for p in base for s in (0, 1)]
     vals = {0: [0.5, 0.3, 0.35], 1: [0.6, 0.25, 0.3], 2: [0.4, 0.2, 0.22], 3: [0.45, 0.2, 0.24]}
     for i, p in enumerate(points):
-        _fake_run(tmp_path / sweep.point_name(p), vals[i], test_error=0.1 * (i + 1), finish=i < 3)
-    assert [sweep.is_finished(tmp_path / sweep.point_name(p)) for p in points] == [True] * 3 + [
+        _fake_run(tmp_path / grid.point_name(p), vals[i], test_error=0.1 * (i + 1), finish=i < 3)
+    assert [runner.is_finished(tmp_path / grid.point_name(p)) for p in points] == [True] * 3 + [
         False
     ]
 
-    rows = sweep.report(str(tmp_path), points, verbose=False)
+    rows = report.report(str(tmp_path), points, verbose=False)
     with open(tmp_path / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3  # the unfinished run has no row yet
@@ -137,7 +139,7 @@ def test_report_tabulates_finished_runs_with_mean_and_std_over_seeds(tmp_path):
     image = matplotlib.image.imread(tmp_path / "sweep.png")
     assert image.ndim == 3 and image.shape[1] > image.shape[0]
 
-    md = sweep.markdown_table(points, rows)
+    md = report.markdown_table(points, rows)
     mean = statistics.fmean([100 * vals[0][-1], 100 * vals[1][-1]])
     std = statistics.stdev([100 * vals[0][-1], 100 * vals[1][-1]])
     assert f"| 0.0 | a | 2 | {mean:.2f} ± {std:.2f} |" in md
@@ -175,7 +177,7 @@ def _rows(workdir):
 def test_sweep_index_runs_one_point_and_a_rerun_skips_it(tiny, tmp_path, capsys):
     first, second = (tmp_path / n for n in NAMES)
     assert cli.main([*tiny, "--sweep_index", "1"]) == 0
-    assert sweep.is_finished(second) and not first.exists()
+    assert runner.is_finished(second) and not first.exists()
     (row,) = _rows(tmp_path)
     assert row["run"] == NAMES[1] and row["model.use_lrn"] == "False"
     metrics = read_metrics(second)
@@ -215,3 +217,19 @@ def test_sweep_runs_every_point_in_turn_then_nothing(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 2 and "Trained" not in out
     assert (tmp_path / "sweep.csv").read_bytes() == csv_before
+
+
+def test_a_point_looked_at_with_mode_test_before_its_end_is_resumed_not_skipped(tmp_path):
+    """A stray `--mode test` line (written before training ended) does not finish a point, and
+    its row never uses that line."""
+    points = grid.axis("model.dropout_rate", [0.0])
+    run = tmp_path / grid.point_name(points[0])
+    _fake_run(run, [0.5, 0.4], test_error=0.9, finish=False)
+    writer = MetricWriter(run)
+    writer.write(20, "test", {"top1_error": 0.9, "top5_error": 0.5, "crops": 1, "mode": "test"})
+    writer.close()
+    assert not runner.is_finished(run)
+    assert report.summarize(str(tmp_path), points[0]) is None
+    _fake_run(run, [0.5, 0.4, 0.3], test_error=0.2)  # training then ran to its end
+    assert runner.is_finished(run)
+    assert report.summarize(str(tmp_path), points[0])["test_top1_error"] == 0.2

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alexnet_jax import optim, parallel, train
+from alexnet_jax import optim, parallel, steps
 from alexnet_jax.model import AlexNet
 from experiments import digits
 
@@ -24,10 +24,10 @@ def _setup(dropout_rate=0.0):
         dropout_rate=dropout_rate,
         init_scheme="he",
     )
-    state, tx = train.create_state(config, model, (64, 64, 3))
+    state, tx = steps.create_state(config, model, (64, 64, 3))
     schedule = optim.make_schedule(config.optim, steps_per_epoch=10, total_steps=100)
     step = functools.partial(
-        train.train_step, model=model, tx=tx, schedule=schedule, axis_name=parallel.AXIS
+        steps.train_step, model=model, tx=tx, schedule=schedule, axis_name=parallel.AXIS
     )
     rng = np.random.default_rng(0)
     batch = {
@@ -43,7 +43,7 @@ def _run_on(devices, state, step, batch, n_steps=3):
     put = lambda t: jax.tree_util.tree_map(  # noqa: E731
         lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), t
     )
-    pstate, rng = put(state), put(train.dropout_base_key(0))
+    pstate, rng = put(state), put(steps.dropout_base_key(0))
     sharded = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
     for _ in range(n_steps):
         pstate, metrics = p_step(pstate, sharded, rng)
@@ -63,16 +63,16 @@ def test_four_devices_equal_one_device_on_the_same_global_batch():
 
 def test_dropout_keys_differ_per_device_and_step_and_repeat_per_seed():
     keys = jax.pmap(
-        lambda rng, step: jax.random.key_data(train.dropout_key(rng, step, "d")), axis_name="d"
+        lambda rng, step: jax.random.key_data(steps.dropout_key(rng, step, "d")), axis_name="d"
     )
-    rng = jnp.stack([train.dropout_base_key(0)] * 4)
+    rng = jnp.stack([steps.dropout_base_key(0)] * 4)
     k0 = np.asarray(keys(rng, jnp.zeros(4, jnp.int32)))
     k1 = np.asarray(keys(rng, jnp.ones(4, jnp.int32)))
     assert len({tuple(k) for k in k0}) == 4  # one key per device
     assert not {tuple(k) for k in k0} & {tuple(k) for k in k1}  # new keys every step
     np.testing.assert_array_equal(k0, np.asarray(keys(rng, jnp.zeros(4, jnp.int32))))
     other_seed = np.asarray(
-        keys(jnp.stack([train.dropout_base_key(1)] * 4), jnp.zeros(4, jnp.int32))
+        keys(jnp.stack([steps.dropout_base_key(1)] * 4), jnp.zeros(4, jnp.int32))
     )
     assert not np.array_equal(k0, other_seed)
 
@@ -80,7 +80,7 @@ def test_dropout_keys_differ_per_device_and_step_and_repeat_per_seed():
 def test_eval_step_counts_every_example_once():
     state, _, _, model = _setup()
     p_eval = jax.pmap(
-        functools.partial(train.eval_step, model=model, axis_name=parallel.AXIS),
+        functools.partial(steps.eval_step, model=model, axis_name=parallel.AXIS),
         axis_name=parallel.AXIS,
     )
     params = parallel.replicate(state.params)
@@ -104,7 +104,7 @@ def test_ten_crop_axis_averages_softmax():
     labels = np.array([3, 7], np.int32)
     batch = {"image": views, "label": labels, "mask": np.ones(2, bool)}
     sums = jax.pmap(
-        functools.partial(train.eval_step, model=model, axis_name="i"),
+        functools.partial(steps.eval_step, model=model, axis_name="i"),
         axis_name="i",
         devices=jax.devices()[:1],
     )(*jax.tree_util.tree_map(lambda x: x[None], (state.params, batch)))
@@ -121,6 +121,6 @@ def test_ten_crop_axis_averages_softmax():
 
 def test_num_train_steps_overrides_epochs():
     c = ml_collections.ConfigDict(dict(batch_size=100, num_epochs=3, num_train_steps=0))
-    assert train.num_train_steps(c, 1000) == (10, 30)
+    assert steps.num_train_steps(c, 1000) == (10, 30)
     c.num_train_steps = 7
-    assert train.num_train_steps(c, 1000) == (10, 7)
+    assert steps.num_train_steps(c, 1000) == (10, 7)

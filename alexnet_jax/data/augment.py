@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax.data.base import MEAN_MODES, PCA_SCALES
+
 
 def hide_gpus() -> None:
     """Makes every GPU invisible to TensorFlow: it only does host work here, and must not take
@@ -66,9 +68,9 @@ class AugmentConfig:
     def __post_init__(self):
         if self.image_size > self.resize_size:
             raise ValueError(f"image_size {self.image_size} > resize_size {self.resize_size}")
-        if self.pca_scale not in ("eigval", "sqrt_eigval"):
+        if self.pca_scale not in PCA_SCALES:
             raise ValueError(f"pca_scale: 'eigval' or 'sqrt_eigval', not {self.pca_scale!r}")
-        if self.mean_mode not in ("channel", "pixel", "none"):
+        if self.mean_mode not in MEAN_MODES:
             raise ValueError(f"mean_mode: 'channel', 'pixel' or 'none', not {self.mean_mode!r}")
         if self.mean_mode == "pixel":
             shape = (self.resize_size, self.resize_size, 3)

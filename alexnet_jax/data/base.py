@@ -8,12 +8,20 @@ the devices. Sources never see devices, so each can be tested alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+# An image file's path -> the model's input ([H, W, 3], or [crops, H, W, 3]); and the class names.
+Preprocess = Callable[[str], np.ndarray]
+Predictor = tuple[Preprocess, tuple[str, ...]]
+
+# The choices of the `data` block that every TensorFlow source reads (augment.py applies them).
+PCA_SCALES = ("eigval", "sqrt_eigval")  # on [0, 1] pixels (paper as printed) / on 0-255 (cc2)
+MEAN_MODES = ("channel", "pixel", "none")  # mean RGB / the paper's mean image / nothing
+FOLDER_SCANS = ("decode", "none")  # screen out unreadable images at start, or not
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,14 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from alexnet_jax.data.base import Batch, DatasetInfo, epoch_permutation, eval_index_batches
+from alexnet_jax.data.base import (
+    Batch,
+    DatasetInfo,
+    Predictor,
+    epoch_permutation,
+    eval_index_batches,
+)
+from alexnet_jax.errors import UsageError
 
 
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -56,6 +63,23 @@ class DigitsSource:
             num_examples={k: len(v) for k, v in parts.items()},
             class_names=tuple(str(d) for d in range(10)),
         )
+
+    @classmethod
+    def file_predictor(cls, config: ml_collections.ConfigDict) -> Predictor:
+        """An image file through PIL, then the source's own `preprocess`."""
+        from PIL import Image, UnidentifiedImageError
+
+        source = cls(config)
+
+        def preprocess(path: str) -> np.ndarray:
+            try:
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as e:
+                raise UsageError(f"cannot decode {path}: {e}") from None
+            return source.preprocess(pixels)
+
+        return preprocess, tuple(source.info.class_names)
 
     def _rgb(self, gray: np.ndarray) -> np.ndarray:
         return np.repeat((gray - self._mean)[..., None], 3, axis=-1)

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax.data import augment, tfds_common
-from alexnet_jax.data.base import Batch, DatasetInfo, epoch_permutation
+from alexnet_jax.data.base import FOLDER_SCANS, Batch, DatasetInfo, Predictor, epoch_permutation
 from alexnet_jax.errors import DataNotFoundError, UsageError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class FolderSource:
             raise DataNotFoundError(f"no images in {self._dirs['train']}/<class>/")
         index = {c: i for i, c in enumerate(classes)}
         scan = data.get("folder_scan", "decode")
-        if scan not in ("decode", "none"):
+        if scan not in FOLDER_SCANS:
             raise UsageError(f"data.folder_scan must be 'decode' or 'none', not {scan!r}")
 
         self.skipped: dict[str, list[str]] = {}
@@ -136,6 +136,14 @@ class FolderSource:
             num_examples={k: len(self._files[k][1]) if k in self._files else 0 for k in dirs},
             class_names=tuple(classes),
         )
+
+    @classmethod
+    def file_predictor(cls, config: ml_collections.ConfigDict) -> Predictor:
+        """The class names come from the folder listing alone: no image is decoded."""
+        listing = ml_collections.ConfigDict(config.to_dict())
+        listing.data.folder_scan = "none"
+        names = tuple(cls(listing).info.class_names)
+        return tfds_common.file_preprocessor(config, _mean_image(config.data)), names
 
     def _slices(self, paths: np.ndarray, labels: np.ndarray):
         return self._tf.data.Dataset.from_tensor_slices((paths, labels))

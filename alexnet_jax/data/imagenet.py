@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax.data import augment, tfds_common
-from alexnet_jax.data.base import Batch, DatasetInfo
+from alexnet_jax.data.base import Batch, DatasetInfo, Predictor
 from alexnet_jax.errors import DataNotFoundError, UsageError
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,15 @@ class ImageNetSource:
             class_names=names,
         )
         self._train_local = self._num_examples(self._train_shard)
+
+    @classmethod
+    def file_predictor(cls, config: ml_collections.ConfigDict) -> Predictor:
+        """Predict needs no prepared dataset: the class names ship with the package."""
+        from alexnet_jax import imagenet_classes
+
+        default = prepared_path(config.data).parent / MEAN_IMAGE_FILE
+        mean_image = load_mean_image(config.data, default)
+        return tfds_common.file_preprocessor(config, mean_image), imagenet_classes.class_names()
 
     def _num_examples(self, split) -> int:
         try:

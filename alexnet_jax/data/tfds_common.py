@@ -190,3 +190,19 @@ def eval_stream(
 def eval_num_batches(per_process_max: int, batch_size: int) -> int:
     """Batches every process yields: enough for the largest shard, at least one."""
     return max(-(-per_process_max // batch_size), 1)
+
+
+def file_preprocessor(config: Any, mean_image: np.ndarray | None) -> Callable[[str], np.ndarray]:
+    """The evaluation transform of the TensorFlow sources (`augment.eval_image`) on one file."""
+    tf = import_tf()
+    cfg = augment.AugmentConfig.from_config(config.data, mean_image)
+
+    def preprocess(path: str) -> np.ndarray:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return augment.eval_image(tf.constant(data), cfg, config.eval.crops).numpy()
+        except tf.errors.InvalidArgumentError as e:
+            raise UsageError(f"cannot decode {path}: {e.message.splitlines()[0]}") from None
+
+    return preprocess

@@ -1,0 +1,170 @@
+"""The layers AlexNet is made of that linen does not have, or has in a slow form on XLA:CPU.
+
+- `local_response_norm`: section 3.3, with both alpha conventions of the anchors.
+- `max_pool`: overlapping pooling (section 3.4) with its gradient written for XLA:CPU.
+- `GroupedConv`: the two GPU columns of figure 2 as one layer with `groups` kernel blocks.
+- `adaptive_avg_pool`: torchvision's 6x6 pool before fc6 (its preset only).
+
+Each fast form has a test that it equals the plain form (tests/test_model_speedforms.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+def local_response_norm(
+    x: Array,
+    *,
+    size: int = 5,
+    k: float = 2.0,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    scale_alpha_by_size: bool = False,
+) -> Array:
+    """Local response normalisation over the channel (last) axis of an NHWC array (section 3.3).
+
+    b_i = a_i / (k + alpha' * sum_{|j-i| <= size//2} a_j^2) ** beta, the window clipped at the
+    edges, with alpha' = alpha (the paper as printed, TF's convention) or alpha / size (the
+    author's cuda-convnet2, Caffe and PyTorch).
+
+    The windowed sum is a matmul with a banded 0/1 matrix: on CPUs and GPUs a small dense matmul
+    over channels is much faster than a `reduce_window` over a window of 5 channels.
+    """
+    scale = alpha / size if scale_alpha_by_size else alpha
+    t = k + scale * jnp.matmul(jnp.square(x), _channel_band(x.shape[-1], size, x.dtype))
+    return x * lax.pow(t, jnp.asarray(-beta, dtype=x.dtype))
+
+
+def _channel_band(channels: int, size: int, dtype: Any) -> Array:
+    """B[i, j] = 1 where |i - j| <= size // 2: (a ** 2) @ B sums each channel's window."""
+    idx = np.arange(channels)
+    return jnp.asarray(np.abs(idx[:, None] - idx[None, :]) <= size // 2, dtype=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: Array, window: int, stride: int) -> Array:
+    """Max pooling over `window` x `window` patches of an NHWC array, no padding (section 3.4).
+
+    The same function and gradient as `nn.max_pool` (the gradient goes to the first maximum of each
+    window, like XLA's select_and_scatter), with the gradient written as elementwise ops on the
+    pooled grid (`_max_pool_bwd`): XLA:CPU lowers select_and_scatter to a variadic argmax
+    reduce_window and a scatter, several times slower.
+    """
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
+    )
+
+
+def _max_pool_fwd(x: Array, window: int, stride: int) -> tuple[Array, tuple[Array, Array]]:
+    y = max_pool(x, window, stride)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window: int, stride: int, residuals: tuple[Array, Array], g: Array):
+    x, y = residuals
+    (n, h, w, c), (ho, wo) = x.shape, y.shape[1:3]
+
+    def view(i: int, j: int) -> Array:  # the inputs at window position (i, j) of every window
+        return x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+
+    # The first window position (row-major) that holds the maximum, as select_and_scatter picks.
+    first = jnp.full(y.shape, window * window, jnp.int32)
+    for i, j in reversed([(i, j) for i in range(window) for j in range(window)]):
+        first = jnp.where(view(i, j) == y, i * window + j, first)
+    first = lax.optimization_barrier(first)  # computed once, not once per use below
+    zero = jnp.zeros((), g.dtype)
+
+    # Input row stride * m + r gets the gradient of window row i = stride * q + r of output row
+    # m - q. So each phase (r_h, r_w) of the input is a sum of shifted maps on the pooled grid,
+    # and interleaving the stride x stride phases gives dx: a few passes over the pooled grid
+    # instead of window**2 passes over the input.
+    mh, mw = -(-h // stride), -(-w // stride)  # rows and columns per phase
+    phases = []
+    for rh in range(stride):
+        row = []
+        for rw in range(stride):
+            acc = jnp.zeros((n, mh, mw, c), g.dtype)
+            for qh in range(-(-(window - rh) // stride)):
+                for qw in range(-(-(window - rw) // stride)):
+                    term = jnp.where(
+                        first == (stride * qh + rh) * window + stride * qw + rw, g, zero
+                    )
+                    shift = [(0, 0, 0), (qh, mh - ho - qh, 0), (qw, mw - wo - qw, 0), (0, 0, 0)]
+                    acc = acc + lax.pad(term, zero, shift)
+            row.append(acc)
+        phases.append(jnp.stack(row, axis=3))  # (n, mh, mw, r_w, c)
+    dx = jnp.stack(phases, axis=2).reshape(n, mh * stride, mw * stride, c)  # interleave (r_h, r_w)
+    return (dx[:, :h, :w],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+class GroupedConv(nn.Module):
+    """A convolution whose input and output channels are split into `groups` columns.
+
+    The kernel has the same shape and parameter count as `nn.Conv(feature_group_count=groups)`.
+    The columns are computed as separate convolutions and concatenated: XLA's CPU backend runs a
+    `feature_group_count` convolution several times slower than the same work split up.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    groups: int = 1
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{self.name}: {in_features} -> {self.features} channels do not split into "
+                f"{self.groups} groups"
+            )
+        kshape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        pad = [(self.padding, self.padding)] * 2
+        dims = ("NHWC", "HWIO", "NHWC")
+        outs = [
+            lax.conv_general_dilated(
+                xg, kg, (self.strides, self.strides), pad, dimension_numbers=dims
+            )
+            for xg, kg in zip(
+                jnp.split(x, self.groups, axis=-1),
+                jnp.split(kernel, self.groups, axis=-1),
+                strict=True,
+            )
+        ]
+        y = outs[0] if self.groups == 1 else jnp.concatenate(outs, axis=-1)
+        return y + bias.astype(self.dtype)
+
+
+def adaptive_avg_pool(x: Array, size: int) -> Array:
+    """torchvision's AdaptiveAvgPool2d((size, size)); parameter-free."""
+    h, w = x.shape[1:3]
+    if (h, w) == (size, size):
+        return x
+    rows = [slice((i * h) // size, -(-((i + 1) * h) // size)) for i in range(size)]
+    cols = [slice((j * w) // size, -(-((j + 1) * w) // size)) for j in range(size)]
+    return jnp.stack(
+        [jnp.stack([x[:, r, c].mean(axis=(1, 2)) for c in cols], axis=1) for r in rows], axis=1
+    )

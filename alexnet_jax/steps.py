@@ -1,0 +1,242 @@
+"""The training state, the pure steps, the evaluation pass, and where steps meet devices.
+
+`train_step` and `eval_step` are pure functions of their arguments that take `axis_name`; they
+run unchanged on one device, under `jax.vmap` in tests, or wrapped for the devices of a parallel
+plan. `make_steps` is the one place where that wrapping happens (`WRAPPERS`, by
+`parallel.mode`): a new mode (a `jax.shard_map` step over a 2-D mesh) is one wrapper here and one
+plan in `parallel.py`, and the training loop, the evaluation modes and the checkpoints stay as
+they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax import lax
+
+from alexnet_jax import optim
+from alexnet_jax.data import DatasetInfo, Source
+from alexnet_jax.errors import UsageError
+from alexnet_jax.metrics import cross_entropy, top_k_error
+from alexnet_jax.model import AlexNet, from_config
+from alexnet_jax.parallel import Plan, make_plan
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; with the config it determines the run."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    plateau: optim.PlateauState
+
+
+def dropout_base_key(seed: int) -> Array:
+    """The key every dropout mask is folded from; kept apart from the init key."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+
+def dropout_key(rng: Array, step: Array, axis_name: str) -> Array:
+    """fold_in(fold_in(rng, step), device): same seed and step -> same masks on each device,
+    a different step or device -> different masks (DESIGN.md)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(axis_name))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, Array],
+    rng: Array,
+    *,
+    model: AlexNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One SGD step on this device's part of the global batch; gradients are `pmean`ed."""
+    chex.assert_rank(batch["image"], 4)
+    chex.assert_shape(batch["label"], (batch["image"].shape[0],))
+    key = dropout_key(rng, state.step, axis_name)
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": key})
+        return cross_entropy(logits, batch["label"]).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, axis_name)
+    lr = schedule(state.step) * state.plateau.scale
+    opt_state = optim.set_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "top1_error": top_k_error(logits, batch["label"], 1).mean(),
+        "top5_error": top_k_error(logits, batch["label"], 5).mean(),
+    }
+    metrics = lax.pmean(metrics, axis_name)
+    grad_norm = optax.tree.norm(grads)
+    metrics |= {
+        "finite": jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(params),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any, batch: dict[str, Array], *, model: AlexNet, axis_name: str
+) -> dict[str, Array]:
+    """Sums of loss and errors over the unmasked examples of the global batch.
+
+    With a crop axis (`image` of shape [B, crops, H, W, C]) the softmax is averaged over the
+    crops, as the paper's 10-patch evaluation does (section 4.1). The average is taken in log
+    space (log-mean-exp of the log-softmax) and the classes are ranked there: float32
+    probabilities of a confident or diverged model underflow to 0, and tied zeros would count
+    as top-5 hits.
+    """
+    images = batch["image"]
+    chex.assert_rank(batch["label"], 1)
+    chex.assert_equal_shape([batch["label"], batch["mask"]])
+    crops = images.shape[1] if images.ndim == 5 else 1
+    logits = model.apply({"params": params}, images.reshape((-1, *images.shape[-3:])), train=False)
+    log_probs = jax.nn.log_softmax(logits).reshape((-1, crops, logits.shape[-1]))
+    scores = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    nll = -jnp.take_along_axis(scores, labels[:, None], axis=-1)[:, 0]
+    sums = {
+        "loss": nll * mask,
+        "top1_error": top_k_error(scores, labels, 1) * mask,
+        "top5_error": top_k_error(scores, labels, 5) * mask,
+        "count": mask,
+    }
+    return lax.psum(jax.tree_util.tree_map(jnp.sum, sums), axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The steps of one run, wrapped for the devices of `plan` (no train step for evaluation)."""
+
+    plan: Plan
+    eval: Callable[..., dict[str, Array]]
+    train: Callable[..., tuple[TrainState, dict[str, Array]]] | None = None
+
+
+def _pmap_steps(plan: Plan, train: Callable | None, evaluate_: Callable) -> tuple[Any, Any]:
+    axis = plan.axis_name
+    # The state is donated: its buffers are reused for the new state (one copy of the weights).
+    wrapped = None if train is None else jax.pmap(train, axis_name=axis, donate_argnums=(0,))
+    return wrapped, jax.pmap(evaluate_, axis_name=axis)
+
+
+# parallel.mode -> (plan, train step or None, eval step) -> the wrapped (train, eval).
+WRAPPERS: dict[str, Callable[..., tuple[Any, Any]]] = {"data": _pmap_steps}
+
+
+def make_steps(
+    model: AlexNet,
+    plan: Plan,
+    tx: optax.GradientTransformation | None = None,
+    schedule: optax.Schedule | None = None,
+) -> Steps:
+    """The steps wrapped for `plan`; without an optimiser, only the eval step."""
+    axis = plan.axis_name
+    train = None
+    if tx is not None:
+        train = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name=axis)
+    evaluate_ = functools.partial(eval_step, model=model, axis_name=axis)
+    wrapped_train, wrapped_eval = WRAPPERS[plan.mode](plan, train, evaluate_)
+    return Steps(plan=plan, eval=wrapped_eval, train=wrapped_train)
+
+
+@functools.cache
+def eval_steps(model: AlexNet, mode: str = "data") -> Steps:
+    """The eval step alone, for the evaluation modes (compiled once per model and mode)."""
+    return make_steps(model, make_plan(ml_collections.ConfigDict({"mode": mode})))
+
+
+def create_state(
+    config: ml_collections.ConfigDict, model: AlexNet, image_shape: tuple[int, int, int]
+) -> tuple[TrainState, optax.GradientTransformation]:
+    """Initial host-side state; parameters come from `seed` alone."""
+    init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    params = jax.jit(lambda k: model.init(k, x, train=False)["params"])(init_key)
+    tx = optim.make_optimizer(config.optim, params)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        plateau=optim.plateau_init(),
+    )
+    return state, tx
+
+
+def abstract_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> Any:
+    """The TrainState's structure, shapes and dtypes, with nothing computed (for restores)."""
+    model = from_config(config.model)
+    return jax.eval_shape(lambda: create_state(config, model, image_shape)[0])
+
+
+def evaluate(
+    steps: Steps, params: Any, source: Source, split: str, config: ml_collections.ConfigDict
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 error over every example of `split` exactly once.
+
+    `params` are on the devices (placed by `steps.plan`).
+    """
+    plan = steps.plan
+    per_process = plan.per_process_batch(config.eval.batch_size)
+    device_totals = None
+    batches = source.eval_batches(split, per_process, crops=config.eval.crops)
+    for batch in plan.prefetch(batches):
+        sums = steps.eval(params, batch)
+        # Summed on the devices: no host round trip per batch, one transfer at the end.
+        device_totals = sums if device_totals is None else _tree_add(device_totals, sums)
+    if device_totals is None:
+        raise UsageError(f"the {split} split is empty")
+    totals = {k: float(v) for k, v in plan.get_metrics(device_totals).items()}
+    count = totals.pop("count", 0.0)
+    if count == 0:
+        raise UsageError(f"the {split} split is empty")
+    return {k: v / count for k, v in totals.items()} | {
+        "num_examples": int(count),
+        "crops": config.eval.crops,
+    }
+
+
+_tree_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total steps); `num_train_steps > 0` overrides `num_epochs`."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    if config.num_train_steps > 0:
+        return steps_per_epoch, int(config.num_train_steps)
+    return steps_per_epoch, round(config.num_epochs * steps_per_epoch)
+
+
+def build(
+    config: ml_collections.ConfigDict, info: DatasetInfo
+) -> tuple[TrainState, Steps, int, int]:
+    """The initial host state, the wrapped steps, steps per epoch and total steps of a run."""
+    model = from_config(config.model)
+    steps_per_epoch, total_steps = num_train_steps(config, info.num_examples["train"])
+    schedule = optim.make_schedule(
+        config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    state, tx = create_state(config, model, info.image_shape)
+    plan = make_plan(config.get("parallel"))
+    return state, make_steps(model, plan, tx, schedule), steps_per_epoch, total_steps
