@@ -85,6 +85,7 @@ class FolderSource:
             "test": data.get("folder_test_split", "test"),
         }
         self._dirs = {k: os.path.join(root, v) for k, v in dirs.items()}
+        self._root = root
         for split in ("train", "val"):
             if not root or not os.path.isdir(self._dirs[split]):
                 raise DataNotFoundError(
@@ -136,6 +137,18 @@ class FolderSource:
             num_examples={k: len(self._files[k][1]) if k in self._files else 0 for k in dirs},
             class_names=tuple(classes),
         )
+
+    def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
+        """split -> [(path relative to folder_root, digest of the file's bytes)], for the leakage
+        check; only the images the split reads (unreadable ones were skipped). A missing test
+        directory is a missing split, not an empty one."""
+        from alexnet_jax.data.leakage import hash_files
+
+        out = {}
+        for split, (paths, _) in self._files.items():
+            paths = [str(p) for p in paths]
+            out[split] = hash_files(paths, [os.path.relpath(p, self._root) for p in paths])
+        return out
 
     def _slices(self, paths: np.ndarray, labels: np.ndarray):
         return self._tf.data.Dataset.from_tensor_slices((paths, labels))
