@@ -117,12 +117,18 @@ def run(argv: Sequence[str]) -> int:
         dry_run(config)
         return 0
     workdir = args.workdir or default_workdir(args.experiment)
+    from alexnet_jax.workdir import locked
+
     if args.mode == "train":
         from alexnet_jax.train import train_and_evaluate
 
-        train_and_evaluate(config, workdir)
+        with locked(workdir):
+            train_and_evaluate(config, workdir)
         return 0
-    return run_mode(args, config, workdir)
+    if args.mode in ("eval", "test") and not os.path.isdir(workdir):
+        raise UsageError(f"no workdir {workdir}: train first")
+    with locked(workdir, required=False):
+        return run_mode(args, config, workdir)
 
 
 def run_mode(args: argparse.Namespace, config: ml_collections.ConfigDict, workdir: str) -> int:

@@ -176,7 +176,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
 def choice_registries() -> dict[str, Sequence[Any]]:
     """Each choice field and the registry that holds its allowed values."""
     from alexnet_jax import data, optim, parallel
-    from alexnet_jax.data import base
+    from alexnet_jax.data import base, leakage
     from alexnet_jax.model import DTYPES, INIT_SCHEMES, PRESETS
 
     return {
@@ -190,6 +190,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
         "data.mean_mode": list(base.MEAN_MODES),
         "data.pca_scale": list(base.PCA_SCALES),
         "data.folder_scan": list(base.FOLDER_SCANS),
+        "data.on_leakage": list(leakage.ON_LEAKAGE_CHOICES),
         "eval.crops": [1, 10],
     }
 

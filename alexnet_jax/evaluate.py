@@ -91,11 +91,19 @@ def load_params(
     return step, state.params, label
 
 
-def score(config: ml_collections.ConfigDict, source: Any, params: Any, split: str) -> dict:
+def score(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    params: Any,
+    split: str,
+    *,
+    return_confusion: bool = False,
+) -> Any:
     """`steps.evaluate` (padded, masked, exact) with the eval step alone."""
     run = steps.eval_steps(from_config(config.model))
+    placed = run.plan.put_state(params)
     try:
-        return steps.evaluate(run, run.plan.put_state(params), source, split, config)
+        return steps.evaluate(run, placed, source, split, config, return_confusion=return_confusion)
     except ValueError as e:  # e.g. a source without 10-crop views
         raise UsageError(str(e)) from None
 
@@ -130,7 +138,8 @@ def run_test(
     records.check_test_allowed(path, force)
     source = make_source(config)
     step, params, label = load_params(config, path, checkpoint, source.info.image_shape)
-    metrics = score(config, source, params, "test")
+    metrics, confusion = score(config, source, params, "test", return_confusion=True)
+    records.test_report(metrics, confusion, path, source.info.class_names)
     writer = _writer(path)
     records.record_test(
         path,

@@ -18,10 +18,12 @@ from typing import Any
 
 import ml_collections
 
-from alexnet_jax import keys, workdir
+from alexnet_jax import classification, keys, workdir
 from alexnet_jax.data import DATASETS
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import MetricWriter
+
+RESULT_KEYS = ("loss", "top1_error", "top5_error", *classification.SCALARS)
 
 
 def protocol_name(crops: int) -> str:
@@ -114,7 +116,7 @@ def record_test(
         "mode": mode,  # 'train': the evaluation at the end of training; 'test': --mode test
         "forced": bool(forced),
         "protocol": protocol,
-        "result": {k: float(metrics[k]) for k in ("loss", "top1_error", "top5_error")},
+        "result": {k: float(metrics[k]) for k in RESULT_KEYS if k in metrics},
     }
     writer.write(step, "test", {**metrics, "mode": mode, "forced": bool(forced)})
     if workdir.is_primary():
@@ -169,6 +171,20 @@ def final_test(
     return metrics
 
 
+def test_report(
+    metrics: dict[str, Any], confusion: Any, path: str, class_names: Sequence[str] | None
+) -> dict[str, Any]:
+    """The seed's final report of the test split: per_class_test.csv, the confusion matrix
+    (.npy; .png up to 50 classes) and the five worst classes by F1, printed. Returns `metrics`."""
+    if workdir.is_primary():
+        report = classification.save_report(path, "test", confusion, class_names)
+        worst = classification.format_classes(
+            report, classification.worst_classes(report), class_names
+        )
+        print(f"The five worst test classes (F1):\n{worst}", flush=True)
+    return metrics
+
+
 def is_finished(path: str) -> bool:
     """Whether the workdir's training ran to its end: its test line came from training."""
     return any(
@@ -201,6 +217,16 @@ def _score(m: dict[str, Any], step: int) -> str:
     )
 
 
+def _report(m: dict[str, Any]) -> str:
+    if not all(k in m for k in classification.SCALARS):
+        return "n/a (a test result from before the report)"
+    return (
+        f"accuracy {100 * m['accuracy']:.2f} %, macro precision {100 * m['precision_macro']:.2f}"
+        f" %, recall {100 * m['recall_macro']:.2f} %, F1 {100 * m['f1_macro']:.2f} % "
+        f"(per class: {workdir.PER_CLASS.format(split='test')})"
+    )
+
+
 def summary_markdown(
     path: str, *, last_step: int, first_step: int, wall_s: float, test: dict[str, Any]
 ) -> str:
@@ -218,6 +244,7 @@ def summary_markdown(
     rows = [
         ("best validation error", _score(best, best["step"]) if best else "n/a (no val line)"),
         ("test error", _score(test, last_step) + (times if len(history) > 1 else "")),
+        ("test report", _report(test)),
         ("steps", run),
         ("wall time", f"{wall_s:.1f} s"),
         ("images/s", rate),

@@ -20,10 +20,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax import lax
 
-from alexnet_jax import optim
+from alexnet_jax import classification, optim
 from alexnet_jax.data import DatasetInfo, Source
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import cross_entropy, top_k_error
@@ -122,7 +123,11 @@ def eval_step(
         "top5_error": top_k_error(scores, labels, 5) * mask,
         "count": mask,
     }
-    return lax.psum(jax.tree_util.tree_map(jnp.sum, sums), axis_name)
+    out = jax.tree_util.tree_map(jnp.sum, sums)
+    # The final report's precision, recall and F1 come from this matrix: exact masked counts,
+    # summed on the devices like the errors (no gathering of predictions on the host).
+    out["confusion"] = classification.confusion_counts(scores, labels, mask, scores.shape[-1])
+    return lax.psum(out, axis_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +196,16 @@ def abstract_state(config: ml_collections.ConfigDict, image_shape: tuple[int, in
 
 
 def evaluate(
-    steps: Steps, params: Any, source: Source, split: str, config: ml_collections.ConfigDict
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 error over every example of `split` exactly once.
+    steps: Steps,
+    params: Any,
+    source: Source,
+    split: str,
+    config: ml_collections.ConfigDict,
+    *,
+    return_confusion: bool = False,
+) -> Any:
+    """Loss, top-1 and top-5 error, accuracy and macro precision, recall and F1 over every
+    example of `split` exactly once; with `return_confusion`, (those, the confusion matrix).
 
     `params` are on the devices (placed by `steps.plan`).
     """
@@ -207,14 +219,18 @@ def evaluate(
         device_totals = sums if device_totals is None else _tree_add(device_totals, sums)
     if device_totals is None:
         raise UsageError(f"the {split} split is empty")
-    totals = {k: float(v) for k, v in plan.get_metrics(device_totals).items()}
+    totals = plan.get_metrics(device_totals)
+    confusion = np.asarray(totals.pop("confusion"))
+    totals = {k: float(v) for k, v in totals.items()}
     count = totals.pop("count", 0.0)
     if count == 0:
         raise UsageError(f"the {split} split is empty")
-    return {k: v / count for k, v in totals.items()} | {
+    metrics = {k: v / count for k, v in totals.items()} | {
         "num_examples": int(count),
         "crops": config.eval.crops,
     }
+    metrics |= classification.scalars(classification.report(confusion))
+    return (metrics, confusion) if return_confusion else metrics
 
 
 _tree_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))

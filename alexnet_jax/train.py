@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import checkpoint, optim, records, workdir
-from alexnet_jax.data import make_source
+from alexnet_jax.data import leakage, make_source
 from alexnet_jax.errors import NonFiniteError, Preempted
 from alexnet_jax.metrics import (
     MetricWriter,
@@ -43,9 +43,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
     """
     primary = workdir.is_primary()
     source = make_source(config)
+    os.makedirs(path, exist_ok=True)
+    # Before any compilation: a held-out split that copies training examples would inflate
+    # every number this run reports (data.on_leakage='refuse' stops here).
+    leakage.check(source, path, config.data.get("on_leakage", "warn"))
     state, steps, steps_per_epoch, total_steps = build(config, source.info)
 
-    os.makedirs(path, exist_ok=True)
     ckpt = checkpoint.Checkpointer(path, keep=config.keep_checkpoints)
     try:
         start, state = checkpoint.resume(ckpt, state, config, path, total_steps)
@@ -74,7 +77,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
     # The seed notes' discipline: the test split is evaluated once, after everything is fixed;
     # records.final_test records it in the test ledger (and a rerun does not look again).
     test_metrics = records.final_test(
-        lambda: evaluate(steps, dstate.params, source, "test", config),
+        lambda: records.test_report(
+            *evaluate(steps, dstate.params, source, "test", config, return_confusion=True),
+            path,
+            source.info.class_names,
+        ),
         path,
         step,
         config,

@@ -118,6 +118,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.folder_val_split = "val"
     c.data.folder_test_split = "test"  # optional directory: only the test evaluation needs it
     c.data.folder_scan = "decode"  # 'decode': screen out unreadable images at start; 'none'
+    # Before training, every example's content is hashed and exact copies across train, val and
+    # test are reported (<workdir>/leakage.csv). 'warn', not 'refuse': a published split (the
+    # official ImageNet one) is scored as published, so its copies are reported, not fixed here;
+    # 'refuse' (exit 2) suits data you split yourself, where a copy is a mistake to fix first.
+    c.data.on_leakage = "warn"  # 'warn' | 'refuse' (alexnet_jax.data.leakage)
 
     # How the steps are laid out on the devices (alexnet_jax/parallel.py, steps.py).
     c.parallel = ml_collections.ConfigDict()

@@ -89,6 +89,7 @@ class IlsvrcFixture:
     manual_dir: Path
     train: dict[str, str]  # file name -> synset
     val: dict[str, str]  # file name -> synset, as the builder assigns it
+    duplicate: tuple[str, str] | None = None  # (train file, val file) with the same bytes
 
     def special(self) -> dict[str, str]:
         """The files that the real set has and the builder treats specially."""
@@ -96,15 +97,34 @@ class IlsvrcFixture:
 
 
 def write_ilsvrc_tars(
-    manual_dir: Path, *, images_per_class: int = 5, num_val: int = 10, seed: int = 0
+    manual_dir: Path,
+    *,
+    images_per_class: int = 5,
+    num_val: int = 10,
+    seed: int = 0,
+    duplicate: bool = False,
 ) -> IlsvrcFixture:
-    """Writes both tars into `manual_dir`; images are 40..72 px on a side, of mixed aspect."""
+    """Writes both tars into `manual_dir`; images are 40..72 px on a side, of mixed aspect.
+
+    With `duplicate`, the first validation image's JPEG bytes are also in the train tar, as one
+    more image of the first synset (`IlsvrcFixture.duplicate` names both files): the leakage
+    check must find it. Its colour is that of its validation class, not of its training one.
+    All other images are the same bytes with and without `duplicate`.
+    """
     manual_dir = Path(manual_dir)
     manual_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
     def size() -> tuple[int, int]:
         return int(rng.integers(40, 73)), int(rng.integers(40, 73))
+
+    labels = validation_labels()
+    val = {f"ILSVRC2012_val_{i:08d}.JPEG": labels[i - 1] for i in range(1, num_val + 1)}
+    planted, planted_bytes = None, b""
+    if duplicate:  # its own rng, so that the other images keep their bytes
+        planted = (f"{SYNSETS[0]}_{images_per_class + 100}.JPEG", next(iter(val)))
+        image = class_image(val[planted[1]], np.random.default_rng([seed, 1]), (48, 56))
+        planted_bytes = _encode(image)
 
     train: dict[str, str] = {}
     with tarfile.open(manual_dir / TRAIN_TAR, "w") as outer:
@@ -118,6 +138,8 @@ def write_ilsvrc_tars(
                 files[CMYK_FILE] = _encode(class_image(synset, rng, size()), mode="CMYK")
             if synset == PNG_FILE.split("_")[0]:
                 files[PNG_FILE] = _encode(class_image(synset, rng, size()), fmt="PNG")
+            if planted and synset == SYNSETS[0]:
+                files[planted[0]] = planted_bytes
             inner = io.BytesIO()
             with tarfile.open(fileobj=inner, mode="w") as tar:
                 for name, data in files.items():
@@ -125,11 +147,10 @@ def write_ilsvrc_tars(
                     train[name] = synset
             _add(outer, f"{synset}.tar", inner.getvalue())
 
-    labels = validation_labels()
-    val = {f"ILSVRC2012_val_{i:08d}.JPEG": labels[i - 1] for i in range(1, num_val + 1)}
     order = list(val)
     random.Random(seed).shuffle(order)  # the builder must not rely on the order in the tar
     with tarfile.open(manual_dir / VAL_TAR, "w") as tar:
         for name in order:
-            _add(tar, name, _encode(class_image(val[name], rng, size())))
-    return IlsvrcFixture(manual_dir=manual_dir, train=train, val=val)
+            data = _encode(class_image(val[name], rng, size()))
+            _add(tar, name, planted_bytes if planted and name == planted[1] else data)
+    return IlsvrcFixture(manual_dir=manual_dir, train=train, val=val, duplicate=planted)

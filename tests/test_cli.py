@@ -130,3 +130,15 @@ def test_config_key_with_space_separated_value():
 def test_missing_value_is_an_error():
     with pytest.raises(UsageError, match="needs a value"):
         cli.parse_args(["experiments/digits.py", "--config.seed"])
+
+
+def test_one_run_per_workdir_and_a_workdir_that_is_a_file(tmp_path, capsys):
+    from alexnet_jax import workdir
+
+    with workdir.locked(str(tmp_path)):  # as a running training would hold it
+        code, _, err = _main(capsys, "experiments/digits.py", "--workdir", str(tmp_path))
+    assert code == 2 and f"is in use by pid {os.getpid()}" in err and err.count("\n") == 1
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = _main(capsys, "experiments/digits.py", "--workdir", str(afile))
+    assert code == 2 and "is a file, not a directory" in err

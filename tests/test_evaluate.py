@@ -179,8 +179,10 @@ def test_test_mode_is_recorded_refused_once_tested_and_forced(workdir, capsys):
     (entry,) = records.read_ledger(workdir)
     assert entry["step"] == 7 and entry["mode"] == "test" and not entry["forced"]
     assert entry["protocol"]["crops"] == 1 and entry["protocol"]["num_examples"] == 359
-    assert set(entry["result"]) == {"loss", "top1_error", "top5_error"} and entry["time"]
-    assert "step 7 test" in out
+    assert set(entry["result"]) == set(records.RESULT_KEYS) and entry["time"]
+    assert "step 7 test" in out and "five worst test classes" in out
+    for name in ("per_class_test.csv", "confusion_test.npy", "confusion_test.png"):
+        assert os.path.exists(os.path.join(workdir, name))
 
     rc, _ = launch(workdir, "--mode", "test")
     err = capsys.readouterr().err
@@ -426,3 +428,31 @@ def test_training_tests_once_and_a_rerun_does_not_look_again(tmp_path, capsys):
     assert "| test error |" in summary and "at step 4 (centre crop, 359 images)" in summary
     rc, _ = launch(workdir, "--mode", "test", *flags)
     assert rc == 2 and "already evaluated" in capsys.readouterr().err
+
+
+def test_the_final_report_equals_scikit_learn_on_the_same_predictions(tmp_path):
+    """On 4 devices with padded batches (359 test digits, eval batch 8): accuracy is 1 - top-1
+    error and the macro precision, recall and F1 are scikit-learn's on the same predictions."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from alexnet_jax.data.digits import DigitsSource
+
+    config = tiny_config()
+    source = DigitsSource(config)
+    params = init_state().params
+    got, confusion = evaluate.score(config, source, params, "test", return_confusion=True)
+    model = from_config(config.model)
+    preds, labels = [], []
+    for batch in source.eval_batches("test", 64):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        preds += list(np.argmax(np.asarray(logits), -1)[batch["mask"]])
+        labels += list(batch["label"][batch["mask"]])
+    assert got["num_examples"] == len(labels) == 359 == confusion.sum()
+    assert got["accuracy"] == pytest.approx(1 - got["top1_error"], abs=1e-6)
+    present = sorted(set(labels) | set(preds))
+    p, r, f, _ = precision_recall_fscore_support(
+        labels, preds, labels=present, average="macro", zero_division=0
+    )
+    assert (got["precision_macro"], got["recall_macro"], got["f1_macro"]) == pytest.approx(
+        (p, r, f), abs=1e-6
+    )

@@ -52,6 +52,8 @@ class DigitsSource:
             "val": order[n_test : n_test + n_val],
             "train": order[n_test + n_val :],
         }
+        self._parts = parts  # indices into load_digits(), the example ids of content_hashes
+        self._raw = digits.images  # 0..16 per pixel, 8x8: 0.9 MB, kept for content_hashes
         self._images = {k: _upsample(images[v], data.resize_size) for k, v in parts.items()}
         self._labels = {k: labels[v] for k, v in parts.items()}
         self._mean = float(self._images["train"].mean())  # one channel replicated 3 times
@@ -80,6 +82,17 @@ class DigitsSource:
             return source.preprocess(pixels)
 
         return preprocess, tuple(source.info.class_names)
+
+    def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
+        """split -> [(index in load_digits(), digest of its raw 8x8 pixels)], for the leakage
+        check. The raw pixels, before any resize: two digits are copies when these are equal."""
+        from alexnet_jax.data.leakage import digest
+
+        raw = self._raw.astype(np.uint8)  # exact: the values are the integers 0..16
+        return {
+            split: [(str(i), digest(raw[i].tobytes())) for i in idx]
+            for split, idx in self._parts.items()
+        }
 
     def _rgb(self, gray: np.ndarray) -> np.ndarray:
         return np.repeat((gray - self._mean)[..., None], 3, axis=-1)

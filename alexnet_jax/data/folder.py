@@ -85,6 +85,7 @@ class FolderSource:
             "test": data.get("folder_test_split", "test"),
         }
         self._dirs = {k: os.path.join(root, v) for k, v in dirs.items()}
+        self._root = root
         for split in ("train", "val"):
             if not root or not os.path.isdir(self._dirs[split]):
                 raise DataNotFoundError(
@@ -144,6 +145,18 @@ class FolderSource:
         listing.data.folder_scan = "none"
         names = tuple(cls(listing).info.class_names)
         return tfds_common.file_preprocessor(config, _mean_image(config.data)), names
+
+    def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
+        """split -> [(path relative to folder_root, digest of the file's bytes)], for the leakage
+        check; only the images the split reads (unreadable ones were skipped). A missing test
+        directory is a missing split, not an empty one."""
+        from alexnet_jax.data.leakage import hash_files
+
+        out = {}
+        for split, (paths, _) in self._files.items():
+            paths = [str(p) for p in paths]
+            out[split] = hash_files(paths, [os.path.relpath(p, self._root) for p in paths])
+        return out
 
     def _slices(self, paths: np.ndarray, labels: np.ndarray):
         return self._tf.data.Dataset.from_tensor_slices((paths, labels))

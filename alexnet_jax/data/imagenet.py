@@ -34,6 +34,8 @@ NAME = "imagenet2012"
 PREPARED_NAME = "imagenet2012_s256"  # the prepared copy's dataset name (prepare.py writes it)
 PREPARED_VERSION = "1.0.0"
 MEAN_IMAGE_FILE = "mean_image.npy"  # written by `prepare --mean_image` next to the copy
+# Written by `prepare` next to the copy: the leakage check's digests, so a run never rehashes.
+HASHES_FILE = "content_hashes.tsv"
 # The tar holding each TFDS split of the full-size builder.
 TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
 
@@ -117,6 +119,52 @@ def open_builder(data: ml_collections.ConfigDict, splits: list[str]):
     return builder
 
 
+def hashes_path(copy_dir: str | os.PathLike) -> Path:
+    """The digests sidecar of the prepared copy in `copy_dir` (`.../imagenet2012_s256/1.0.0`)."""
+    return Path(copy_dir).parent / HASHES_FILE
+
+
+def hash_records(builder, split: str) -> list[tuple[str, str]]:
+    """[(file name, digest of the encoded image)] of TFDS split `split`, in record order.
+
+    The encoded bytes as stored, never decoded: decoding would cost far more than hashing.
+    """
+    from alexnet_jax.data.leakage import digest
+
+    tf = tfds_common.import_tf()
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    ds = ds.map(lambda ex: (ex["file_name"], ex["image"])).prefetch(tf.data.AUTOTUNE)
+    return [(name.decode(), digest(image)) for name, image in ds.as_numpy_iterator()]
+
+
+def write_hashes(path: str | os.PathLike, rows: dict[str, list[tuple[str, str]]]) -> None:
+    """Writes `split<TAB>file_name<TAB>digest` lines, each split's rows in record order."""
+    from alexnet_jax.workdir import atomic_open
+
+    with atomic_open(path, "w") as f:
+        f.write("split\tfile_name\tdigest\n")
+        for split, pairs in rows.items():
+            f.writelines(f"{split}\t{name}\t{d}\n" for name, d in pairs)
+
+
+def read_hashes(path: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """The sidecar as {TFDS base split: [(file name, digest)] in record order}."""
+    rows: dict[str, list[tuple[str, str]]] = {}
+    with open(path) as f:
+        next(f, None)  # the header
+        for line in f:
+            split, name, d = line.rstrip("\n").split("\t")
+            rows.setdefault(split, []).append((name, d))
+    return rows
+
+
 def load_mean_image(data: ml_collections.ConfigDict, default: Path | None) -> np.ndarray | None:
     """The per-pixel mean image for `data.mean_mode='pixel'` (the paper's choice), else None."""
     if data.get("mean_mode", "channel") != "pixel":
@@ -171,6 +219,57 @@ class ImageNetSource:
         default = prepared_path(config.data).parent / MEAN_IMAGE_FILE
         mean_image = load_mean_image(config.data, default)
         return tfds_common.file_preprocessor(config, mean_image), imagenet_classes.class_names()
+
+    def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
+        """'train'/'val'/'test' -> [(file name, digest of the encoded image)], for the leakage
+        check: from the prepared copy's sidecar when it has one, else by reading every record
+        of the three splits once (the full-size set: about 140 GB, minutes)."""
+        stored = self._stored_hashes()
+        if stored is None:
+            log.info("leakage check: hashing the encoded images of %s", self._builder.name)
+            return {k: hash_records(self._builder, v) for k, v in self._splits.items()}
+        out = {}
+        for key, split in self._splits.items():
+            out[key] = []
+            for part in self._absolute(split):  # 'train[:99%]' -> train, 0, 1268355
+                out[key] += stored[part.splitname][part.from_ : part.to]
+        return out
+
+    def _absolute(self, split: str) -> list:
+        """A split string as TFDS reads it: [(base split, from_, to)], exactly its rounding."""
+        spec = self._tfds.core.ReadInstruction.from_spec(split)
+        return spec.to_absolute(self._builder.info.splits)
+
+    def _stored_hashes(self) -> dict[str, list[tuple[str, str]]] | None:
+        """The prepared copy's sidecar, if there is one and it matches the copy, else None."""
+        if self._builder.name != PREPARED_NAME:
+            return None
+        path = hashes_path(self._builder.data_dir)
+        if not path.exists():
+            log.info("leakage check: %s has no %s (older `prepare`)", path.parent, HASHES_FILE)
+            return None
+        stored = read_hashes(path)
+        # The rows are in the copy's record order (prepare writes them as it writes the copy),
+        # which slicing relies on. Cheap checks that the file belongs to this copy: the counts,
+        # and the file names of the first and last record of each split used.
+        bases = {p.splitname for s in self._splits.values() for p in self._absolute(s)}
+        for base in sorted(bases):
+            rows = stored.get(base, [])
+            n = self._builder.info.splits[base].num_examples
+            if len(rows) != n or (
+                n
+                and [rows[0][0], rows[-1][0]]
+                != [self._file_name(f"{base}[:1]"), self._file_name(f"{base}[-1:]")]
+            ):
+                log.warning("leakage check: %s does not match the copy; rehashing", path)
+                return None
+        return stored
+
+    def _file_name(self, split: str) -> str:
+        ds = self._builder.as_dataset(
+            split=split, decoders={"image": self._tfds.decode.SkipDecoding()}
+        )
+        return next(iter(ds.as_numpy_iterator()))["file_name"].decode()
 
     def _num_examples(self, split) -> int:
         try:

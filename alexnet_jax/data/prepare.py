@@ -8,7 +8,9 @@
    re-encoded as JPEG. The records use the same keys (file names) as `imagenet2012`, and TFDS orders
    records by a hash of the key, so the copy lists the examples in the same order: a split string
    such as `train[:99%]` names the same images in both.
-3. With `--mean_image`, also writes DIR/imagenet2012_s256/mean_image.npy, the mean 256x256 image
+3. Writes DIR/imagenet2012_s256/content_hashes.tsv, a digest of every original image, which the
+   leakage check between the splits reads instead of hashing the dataset at every run.
+4. With `--mean_image`, also writes DIR/imagenet2012_s256/mean_image.npy, the mean 256x256 image
    (the paper subtracts it: `data.mean_mode='pixel'`) over `--mean_examples` training images.
 
 A full-size ImageNet JPEG averages about 400x350 pixels and 110 KB; decoding it dominates the
@@ -34,7 +36,7 @@ from typing import ClassVar
 import ml_collections
 import numpy as np
 
-from alexnet_jax.data import augment, folder, imagenet, tfds_common
+from alexnet_jax.data import augment, folder, imagenet, leakage, tfds_common
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ def _copy_builder_class():
 
         def __init__(self, *, source, shorter_side: int = 256, quality: int = 90, **kwargs):
             self._source = source
+            # split -> [(file name, digest of the source's encoded image)] in generation order,
+            # for the leakage check's sidecar (see prepare_copy); filled as the copy is written.
+            self.digests: dict[str, list[tuple[str, str]]] = {}
             self._size = shorter_side
             self._quality = quality
             super().__init__(**kwargs)
@@ -99,11 +104,15 @@ def _copy_builder_class():
                     ex["file_name"],
                     resize_shorter_side(ex["image"], self._size, self._quality),
                     ex["label"],
+                    ex["image"],  # the original bytes, hashed here: they are read anyway
                 ),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
-            for name, image, label in ds.as_numpy_iterator():
+            digests = self.digests.setdefault(split, [])
+            digests.clear()  # a split generated twice must not list its images twice
+            for name, image, label, original in ds.as_numpy_iterator():
                 key = name.decode()
+                digests.append((key, leakage.digest(original)))
                 yield key, {"image": image, "label": int(label), "file_name": key}
 
     return Imagenet2012S256
@@ -119,7 +128,27 @@ def prepare_copy(data: ml_collections.ConfigDict, out: str, *, quality: int = 90
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
+    write_hashes_sidecar(builder, source)
     return Path(builder.data_dir)
+
+
+def write_hashes_sidecar(copy, source) -> Path:
+    """Writes the leakage check's digests next to the copy (`imagenet.HASHES_FILE`).
+
+    The digests are of the *original* encoded images, so the check finds what it would find on
+    the full-size set. Each split's rows are in record order: the generator reads the source in
+    its record order and the copy keeps it (same keys, module docstring). For a copy that was
+    prepared before (nothing generated now) and has no sidecar, the source is hashed once here.
+    """
+    path = imagenet.hashes_path(copy.data_dir)
+    splits = copy.info.splits
+    generated = {s: copy.digests.get(s, []) for s in splits}
+    if all(len(generated[s]) == splits[s].num_examples for s in splits):
+        imagenet.write_hashes(path, generated)
+    elif not path.exists():
+        log.info("Hashing the images of %s for the leakage check (one pass)", source.name)
+        imagenet.write_hashes(path, {s: imagenet.hash_records(source, s) for s in splits})
+    return path
 
 
 def mean_image(records, size: int, limit: int) -> np.ndarray:

@@ -28,6 +28,10 @@ class SyntheticSource:
             },
         )
 
+    def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
+        """Nothing for the leakage check: the images are random numbers made anew."""
+        return {}
+
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
         import jax
 

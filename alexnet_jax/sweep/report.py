@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alexnet_jax import workdir as wd
+from alexnet_jax.classification import SCALARS
 from alexnet_jax.sweep.grid import SEED_KEY, Point, override_text, point_name, swept_keys
 
 RESULT_COLUMNS = (
@@ -24,6 +25,7 @@ RESULT_COLUMNS = (
     "best_val_step",
     "test_top1_error",
     "test_top5_error",
+    *(f"test_{k}" for k in SCALARS),  # accuracy and macro precision, recall, F1
     "crops",
     "wall_s",
 )
@@ -53,6 +55,7 @@ def summarize(workdir: str, point: Point) -> dict[str, Any] | None:
     row |= {
         "test_top1_error": test["top1_error"],
         "test_top5_error": test["top5_error"],
+        **{f"test_{k}": test[k] for k in SCALARS if k in test},
         "crops": test.get("crops"),
     }
     run_json = wd.path(run_dir, wd.RUN)
@@ -121,6 +124,7 @@ def markdown_table(points: Sequence[Point], rows: Sequence[dict[str, Any] | None
         "best val top-1 %": "best_val_top1_error",
         "test top-1 %": "test_top1_error",
         "test top-5 %": "test_top5_error",
+        "test macro F1 %": "test_f1_macro",
     }
     header = [*keys, "runs", *errors, "steps", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

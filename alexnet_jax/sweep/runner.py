@@ -136,7 +136,8 @@ def run_point(
             record |= json.load(f)
     t0 = time.time()
     try:
-        train_and_evaluate(config, workdir)
+        with wd.locked(workdir):
+            train_and_evaluate(config, workdir)
         record["finished"] = True
     finally:
         if primary:
