@@ -14,8 +14,12 @@ checkpoint is never loaded.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
+import hashlib
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +29,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from alexnet_jax import compat, workdir
-from alexnet_jax.errors import UsageError
+from alexnet_jax.errors import SaveError, UsageError
 
 
 def _val_error(metrics: dict[str, float]) -> float:
@@ -77,8 +81,17 @@ class Checkpointer:
     def save(
         self, step: int, state: Any, meta: dict[str, Any], val_top1_error: float | None = None
     ) -> None:
-        """Saves a host-side (unreplicated) state; returns once the write is under way (async)."""
+        """Saves a host-side (unreplicated) state; returns once the write is under way (async).
+
+        The meta holds a digest of every array, checked on restore: TensorStore verifies no
+        checksum of its own, and a flipped byte would otherwise load without complaint.
+        """
+        meta = {**meta, "digests": digests(state)}
         metrics = None if val_top1_error is None else {"val_top1_error": float(val_top1_error)}
+        with self._write_faults(step):
+            self._save(step, state, meta, metrics)
+
+    def _save(self, step: int, state: Any, meta: dict[str, Any], metrics: Any) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -89,12 +102,36 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        """Restores `step` (default: the latest) into the structure of `abstract_state`."""
+        """Restores `step` (default: the latest) into the structure of `abstract_state`, and
+        verifies it against the digests saved with it (DamagedCheckpoint if any differs)."""
         step = self._manager.latest_step() if step is None else step
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        return restored["state"]
+        try:
+            meta = self.restore_meta(step)
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )["state"]
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # Orbax and TensorStore raise many kinds for damaged files
+            raise DamagedCheckpoint(step, _first_line(e)) from None
+        saved = meta.get("digests")
+        if saved is not None:
+            now = digests(restored)
+            bad = sorted(k for k in saved if now.get(k) != saved[k])
+            if bad:
+                raise DamagedCheckpoint(step, f"{bad[0]} does not match its saved digest")
+        return restored
+
+    def move_aside(self, step: int, workdir_path: str) -> str:
+        """Moves a damaged checkpoint out of the way (kept, for a look), so that the run can
+        write that step again; returns where it went."""
+        target = os.path.join(workdir_path, workdir.DAMAGED, str(step))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target):
+            target += f".{os.getpid()}"
+        os.replace(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+        return target
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._manager.latest_step() if step is None else step
@@ -102,11 +139,69 @@ class Checkpointer:
         return restored["meta"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._write_faults(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _write_faults(self, step: int | None) -> Iterator[None]:
+        """A failed write (a full disk, found now or by the async save of an earlier step)
+        stops the run at once with one line; the partial folder goes, the last one stays."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_write_fault(e):
+                raise
+            for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = self._manager.latest_step()
+            when = "" if step is None else f" by step {step}"
+            what = "no space left" if "No space left" in str(e) else _first_line(e)
+            raise SaveError(
+                f"{what} on the device of {self.directory}: a checkpoint save failed{when}; "
+                + (f"checkpoint {kept} is intact" if kept is not None else "no checkpoint yet")
+            ) from None
+
+
+class DamagedCheckpoint(Exception):
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint {step} is damaged ({reason})")
+        self.step = step
+
+
+def _is_write_fault(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:  # Orbax wraps the OSError of its writer thread
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def digests(tree: Any) -> dict[str, str]:
+    """path -> blake2b of each array's dtype, shape and bytes (host arrays)."""
+    import jax
+    import numpy as np
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h = hashlib.blake2b(f"{a.dtype}{a.shape}".encode(), digest_size=16)
+        h.update(a.tobytes())
+        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    return out
 
 
 def make_meta(
@@ -134,20 +229,43 @@ def resume(
     may be extended, except where the schedule depends on its length (cosine), which a longer
     run would re-stretch from the resumed step on; it may not be shortened below its step.
     """
-    step = ckpt.latest_step()
-    if step is None:
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    if not steps:
         return 0, state
-    meta = ckpt.restore_meta(step)
-    compat.require_same(
-        meta["config"],
-        config,
-        "resume",
-        f"{workdir_path} holds a run with a different config; refusing to resume it",
-        "use another --workdir or the original config",
+    skipped: list[DamagedCheckpoint] = []
+    for step in steps:
+        try:
+            meta = ckpt.restore_meta(step)
+        except Exception as e:
+            skipped.append(DamagedCheckpoint(step, _first_line(e)))
+            continue
+        compat.require_same(
+            meta["config"],
+            config,
+            "resume",
+            f"{workdir_path} holds a run with a different config; refusing to resume it",
+            "use another --workdir or the original config",
+        )
+        if total_steps is not None:
+            _check_length(meta, config, step, total_steps, workdir_path)
+        try:
+            restored = ckpt.restore(state, step)
+        except DamagedCheckpoint as e:
+            skipped.append(e)
+            continue
+        for bad in skipped:  # newer than the one that restores: damaged, not incompatible
+            where = ckpt.move_aside(bad.step, workdir_path) if _single_process() else "kept"
+            print(f"warning: {bad}; resuming from step {step} instead ({where})", flush=True)
+        return step, restored
+    raise UsageError(
+        f"no checkpoint in {ckpt.directory} can be restored: {'; '.join(map(str, skipped))}"
     )
-    if total_steps is not None:
-        _check_length(meta, config, step, total_steps, workdir_path)
-    return step, ckpt.restore(state, step)
+
+
+def _single_process() -> bool:
+    import jax
+
+    return jax.process_count() == 1
 
 
 def _check_length(

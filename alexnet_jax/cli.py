@@ -8,6 +8,7 @@ python launch.py SWEEP.py[:ARG] [...] [--sweep_index I | --sweep_list] [--sweep_
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from alexnet_jax import config as config_lib
-from alexnet_jax.errors import NonFiniteError, Preempted, UsageError
+from alexnet_jax.errors import NonFiniteError, Preempted, SaveError, UsageError
 
 MODES = ("train", "eval", "test", "predict", "filters")
 
@@ -167,12 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # TensorFlow's C++ logs (oneDNN, rendezvous, ...) and Orbax's and TFDS's absl chatter must
+    # not surround our one error line; set before TensorFlow is first imported (by a source).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Orbax logs the errors of its writer threads itself; we report them in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return run(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:

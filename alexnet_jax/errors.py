@@ -16,5 +16,9 @@ class NonFiniteError(Exception):
     """The loss or the gradient stopped being finite; the last good checkpoint is kept."""
 
 
+class SaveError(Exception):
+    """A checkpoint could not be written (a full disk); the previous one is intact. Exit 1."""
+
+
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -81,10 +82,10 @@ def load_params(
         )
         # The structure only: nothing is initialised, the checkpoint fills in the values.
         state = ckpt.restore(steps.abstract_state(config, shape), step)
-    except (ValueError, KeyError, TypeError) as e:
+    except checkpoint.DamagedCheckpoint as e:
         raise UsageError(
-            f"cannot restore the checkpoint at step {step} of {path} for this config ({e}); "
-            "give the training run's --config overrides"
+            f"{path}: {e}; choose another with --checkpoint (kept: {ckpt.all_steps()}), or give "
+            "the training run's --config overrides if it was trained with others"
         ) from None
     finally:
         ckpt.close()
@@ -119,11 +120,14 @@ def run_eval(
     source = make_source(config)
     step, params, label = load_params(config, path, checkpoint, source.info.image_shape)
     metrics = score(config, source, params, "val")
-    writer = _writer(path)
-    writer.write(step, "val", {**metrics, "mode": "eval", "checkpoint": label})
-    writer.close()
     if workdir.is_primary():
         print(records.describe(step, "val", metrics) + f"  [{label} checkpoint]", flush=True)
+    try:  # the result is printed first: a read-only copy of a run can still be scored
+        writer = _writer(path)
+        writer.write(step, "val", {**metrics, "mode": "eval", "checkpoint": label})
+        writer.close()
+    except OSError as e:
+        print(f"warning: the result was not logged in {path} ({e.strerror})", file=sys.stderr)
     return metrics
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from alexnet_jax import checkpoint, optim, records, workdir
 from alexnet_jax.data import leakage, make_source
-from alexnet_jax.errors import NonFiniteError, Preempted
+from alexnet_jax.errors import NonFiniteError, Preempted, UsageError
 from alexnet_jax.metrics import (
     MetricWriter,
     Progress,
@@ -46,6 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
     os.makedirs(path, exist_ok=True)
     # Before any compilation: a held-out split that copies training examples would inflate
     # every number this run reports (data.on_leakage='refuse' stops here).
+    _check_splits(config, source.info)
     leakage.check(source, path, config.data.get("on_leakage", "warn"))
     state, steps, steps_per_epoch, total_steps = build(config, source.info)
 
@@ -96,6 +97,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
         print(f"Trained {step - start} steps in {wall:.1f} s.", flush=True)
     records.write_summary(path, last_step=step, first_step=start, wall_s=wall, test=test_metrics)
     return result
+
+
+def _check_splits(config: ml_collections.ConfigDict, info: Any) -> None:
+    """Refuses, before anything compiles, a run that could not end: a global batch larger than
+    the training split, or no validation or test examples to score at the end."""
+    n = info.num_examples
+    if config.batch_size > n.get("train", 0):
+        raise UsageError(
+            f"batch_size={config.batch_size} is larger than the training split "
+            f"({n.get('train', 0)} examples)"
+        )
+    for split in ("val", "test"):
+        if n.get(split, 0) == 0:
+            raise UsageError(
+                f"the {split} split of dataset {config.dataset!r} is empty (or missing); a run "
+                f"ends with its {split} evaluation, so it is refused before training"
+            )
 
 
 class _Loop:

@@ -111,6 +111,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 LOCK = ".lock"  # held by the run that uses the workdir
+DAMAGED = "damaged_checkpoints"  # checkpoints that failed to restore, moved aside
 
 
 @contextlib.contextmanager

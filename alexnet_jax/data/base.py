@@ -22,6 +22,39 @@ Predictor = tuple[Preprocess, tuple[str, ...]]
 PCA_SCALES = ("eigval", "sqrt_eigval")  # on [0, 1] pixels (paper as printed) / on 0-255 (cc2)
 MEAN_MODES = ("channel", "pixel", "none")  # mean RGB / the paper's mean image / nothing
 FOLDER_SCANS = ("decode", "none")  # screen out unreadable images at start, or not
+# The largest image file that --mode predict decodes: 20000x20000 would need 1.2 GB as uint8 RGB
+# (a decompression bomb); ImageNet's largest photo has under 20 megapixels.
+MAX_PREDICT_PIXELS = 100_000_000
+
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of 16-bit grey PNGs
+
+
+def read_rgb(path: str, *, sixteen_bit_only: bool = False) -> np.ndarray | None:
+    """An image file as uint8 RGB through PIL, for --mode predict: exit 2 (UsageError) with one
+    line for an unreadable file or a decompression bomb (checked from the header, before any
+    decoding); 16-bit images are scaled to 0-255, not clipped as `convert('RGB')` does. With
+    `sixteen_bit_only`, None for an 8-bit image (the caller decodes those itself)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from alexnet_jax.errors import UsageError
+
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            if w * h > MAX_PREDICT_PIXELS:
+                raise UsageError(
+                    f"{path} is {w}x{h} pixels, more than --mode predict decodes "
+                    f"({MAX_PREDICT_PIXELS:,}); resize it first"
+                )
+            if image.mode in _SIXTEEN_BIT:
+                grey = np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255)
+                return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+            if sixteen_bit_only:
+                return None
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot decode {path}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ from alexnet_jax.data.base import (
     Predictor,
     epoch_permutation,
     eval_index_batches,
+    read_rgb,
 )
-from alexnet_jax.errors import UsageError
 
 
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -69,17 +69,10 @@ class DigitsSource:
     @classmethod
     def file_predictor(cls, config: ml_collections.ConfigDict) -> Predictor:
         """An image file through PIL, then the source's own `preprocess`."""
-        from PIL import Image, UnidentifiedImageError
-
         source = cls(config)
 
         def preprocess(path: str) -> np.ndarray:
-            try:
-                with Image.open(path) as image:
-                    pixels = np.asarray(image.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as e:
-                raise UsageError(f"cannot decode {path}: {e}") from None
-            return source.preprocess(pixels)
+            return source.preprocess(read_rgb(path))
 
         return preprocess, tuple(source.info.class_names)
 

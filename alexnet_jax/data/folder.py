@@ -52,10 +52,32 @@ def list_images(split_dir: str, classes: list[str] | None = None) -> tuple[list[
     return paths, names
 
 
+def _valid_name(path: str) -> bool:
+    """False for a file name that is not valid UTF-8 (Python keeps its bytes as surrogates):
+    TensorFlow cannot open it, so it is skipped and reported like an unreadable image."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def empty_classes(split_dir: str) -> list[str]:
+    """The class directories of `split_dir` that hold no image (they would vanish silently)."""
+    found = set(list_images(split_dir)[1])
+    return sorted(
+        c
+        for c in os.listdir(split_dir)
+        if not c.startswith(".") and os.path.isdir(os.path.join(split_dir, c)) and c not in found
+    )
+
+
 def find_unreadable(paths: list[str]) -> list[str]:
     """The paths TensorFlow cannot decode, found by decoding each once, in parallel."""
+    bad = [p for p in paths if not _valid_name(p)]
+    paths = [p for p in paths if _valid_name(p)]
     if not paths:
-        return []
+        return bad
     tf = tfds_common.import_tf()
 
     def check(path):
@@ -69,7 +91,7 @@ def find_unreadable(paths: list[str]) -> list[str]:
 
     ds = tf.data.Dataset.from_tensor_slices(paths).map(check, num_parallel_calls=tf.data.AUTOTUNE)
     ok = {p.decode() for p, _ in ds.ignore_errors().as_numpy_iterator()}
-    return [p for p in paths if p not in ok]
+    return bad + [p for p in paths if p not in ok]
 
 
 class FolderSource:
@@ -94,6 +116,12 @@ class FolderSource:
                 )
         paths, names = list_images(self._dirs["train"])
         classes = sorted(set(names))
+        empty = empty_classes(self._dirs["train"])
+        if empty:
+            raise DataNotFoundError(
+                f"class folder(s) without images in {self._dirs['train']}: "
+                f"{', '.join(repr(e) for e in empty[:5])}; add images or remove the folder"
+            )
         if not classes:
             raise DataNotFoundError(f"no images in {self._dirs['train']}/<class>/")
         index = {c: i for i, c in enumerate(classes)}
@@ -114,7 +142,11 @@ class FolderSource:
                         f"{split_dir} has classes that {self._dirs['train']} lacks: {extra[:5]}"
                     )
                 paths, names = list_images(split_dir, classes)
-            bad = set(find_unreadable(paths)) if scan == "decode" else set()
+            bad = (
+                set(find_unreadable(paths))
+                if scan == "decode"
+                else {p for p in paths if not _valid_name(p)}
+            )
             for p in sorted(bad):
                 log.warning("folder: skipping unreadable image %s", p)
             if bad:

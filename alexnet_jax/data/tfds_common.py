@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from alexnet_jax.data import augment
-from alexnet_jax.data.base import Batch, pad_batch
+from alexnet_jax.data.base import Batch, pad_batch, read_rgb
 from alexnet_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,14 @@ def file_preprocessor(config: Any, mean_image: np.ndarray | None) -> Callable[[s
     cfg = augment.AugmentConfig.from_config(config.data, mean_image)
 
     def preprocess(path: str) -> np.ndarray:
-        with open(path, "rb") as f:
-            data = f.read()
+        # PIL checks the size from the header before TF decodes; a 16-bit PNG is scaled by PIL
+        # (TF would decode it too, but the eval pipeline's uint8 path is the one to match).
+        pixels = read_rgb(path, sixteen_bit_only=True)
+        if pixels is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = tf.io.encode_png(pixels).numpy()
         try:
             return augment.eval_image(tf.constant(data), cfg, config.eval.crops).numpy()
         except tf.errors.InvalidArgumentError as e:
