@@ -49,9 +49,13 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_reported(tmp_path, caplog):
 def test_a_missing_test_directory_is_refused_before_training(tmp_path, capsys):
     root = _folder(tmp_path, splits=("train", "val"))
     argv = [
-        "experiments/imagenet.py:folder", "--workdir", str(tmp_path / "w"),
-        f"--config.data.folder_root={root}", "--config.model.num_classes=3",
-        "--config.batch_size=4", "--config.num_train_steps=1",
+        "experiments/imagenet.py:folder",
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.data.folder_root={root}",
+        "--config.model.num_classes=3",
+        "--config.batch_size=4",
+        "--config.num_train_steps=1",
     ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -87,3 +91,30 @@ def test_predict_reads_16_bit_pngs_scaled_and_refuses_a_decompression_bomb(tmp_p
     Image.new("1", (20000, 20000)).save(bomb)  # 50 MB of pixels, 50 KB on disk
     with pytest.raises(UsageError, match="pixels"):
         base.read_rgb(str(bomb))
+
+
+def test_tensorflow_logs_do_not_surround_the_one_error_line(tmp_path):
+    """Through the real launcher: TensorFlow is imported (the ImageNet source), its C++ and absl
+    logs stay quiet, and stderr is exactly our line."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "experiments/imagenet.py",
+            "--workdir",
+            str(tmp_path / "w"),
+            f"--config.data.data_dir={tmp_path}",
+            f"--config.data.manual_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ImageNet is not prepared") and out.stderr.count("\n") == 1
