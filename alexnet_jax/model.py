@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,9 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
+        # Checked while tracing, free at run time: a wrong batch names the array, not XLA's op.
+        chex.assert_rank(x, 4)
+        chex.assert_axis_dimension(x, 3, 3)
         c1, c2, c3, c4, c5 = self.conv_features
         g = self.groups
 
@@ -138,6 +142,7 @@ class AlexNet(nn.Module):
             if not self.dropout_before_dense:
                 x = drop(x)  # section 4.2: dropout on the outputs of the two hidden fc layers
         x = self._dense("fc8", self.num_classes)(x)
+        chex.assert_shape(x, (None, self.num_classes))
         return x.astype(jnp.float32)  # logits in float32 so the softmax is stable under bf16
 
 

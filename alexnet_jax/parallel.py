@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+import chex
 import jax
 import numpy as np
 
@@ -61,6 +62,9 @@ def per_device_batch(global_batch: int) -> int:
 def shard(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """(B, ...) host arrays -> (local_devices, B / local_devices, ...) arrays on the devices."""
     n = jax.local_device_count()
+    chex.assert_equal_shape_prefix(list(batch.values()), 1)
+    if len(batch["label"]) % n:
+        raise ValueError(f"a host batch of {len(batch['label'])} does not split over {n} devices")
 
     def put(x: np.ndarray) -> jax.Array:
         if isinstance(x, jax.Array):  # made on the devices already (the synthetic source)

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+import chex
 import numpy as np
 
 Batch = dict[str, np.ndarray]
@@ -96,11 +97,13 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
     n = len(batch["label"])
     if n > batch_size:
         raise ValueError(f"batch of {n} is larger than {batch_size}")
+    chex.assert_equal_shape_prefix(list(batch.values()), 1)  # one example per row, every key
     out = {}
     for key, value in batch.items():
         pad = np.zeros((batch_size - n, *value.shape[1:]), value.dtype)
         out[key] = np.concatenate([value, pad])
     out["mask"] = np.arange(batch_size) < n
+    chex.assert_type(out["mask"], bool)
     return out
 
 
