@@ -57,11 +57,12 @@ def batches(draw):
     batch_size = draw(st.integers(1, 16))
     n = draw(st.integers(0, batch_size))
     arrays = {
-        "label": draw(hnp.arrays(np.int32, (n,))),
+        "label": draw(hnp.arrays(np.int32, (n,), fill=st.nothing())),
         "image": draw(
             hnp.arrays(
                 draw(st.sampled_from([np.float32, np.uint8])),
                 (n, *draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=3))),
+                fill=st.nothing(),
             )
         ),
     }
