@@ -8,7 +8,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 # The library, imported in one place.
@@ -50,7 +50,8 @@ def scratch():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@settings(max_examples=5 * SCALE, deadline=None)
+# No shrinking: each step of it is an Orbax save and restore (minutes); the trees are small.
+@settings(max_examples=5 * SCALE, deadline=None, phases=[Phase.explicit, Phase.generate])
 @given(tree=trees, meta=metas, step=st.integers(0, 2**31 - 1))
 def test_save_then_restore_returns_the_same_tree(scratch, tree, meta, step):
     workdir = tempfile.mkdtemp(dir=scratch)  # one fresh workdir per example

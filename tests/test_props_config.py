@@ -73,3 +73,17 @@ def test_override_text_parses_back_to_the_value(key, at):
     apply_overrides(config, {key: override_text(value)})
     got = _get(config, key)
     assert _same(got, value), (key, override_text(value), got)
+
+
+TUPLE_KEYS = sorted(k for k in KEYS if type(FIELDS[k]) is tuple)
+
+
+@settings(max_examples=50 * SCALE, deadline=None)
+@given(key=st.sampled_from(TUPLE_KEYS), value=st.one_of(ints, floats), as_list=st.lists(ints))
+def test_a_tuple_field_takes_a_scalar_or_a_list(key, value, as_list):
+    """What people type: `--config.optim.step_epochs=30` or `=[30,60]` is a tuple."""
+    config = digits.get_config()
+    apply_overrides(config, {key: repr(value)})
+    assert _same(_get(config, key), (value,))
+    apply_overrides(config, {key: repr(as_list)})
+    assert _same(_get(config, key), tuple(as_list))

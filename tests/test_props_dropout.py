@@ -79,8 +79,12 @@ def test_another_seed_step_or_device_gives_another_mask(places, rate):
     step=steps,
 )
 def test_rate_zero_is_the_identity(x, seed, step):
-    out = np.asarray(dropout(jnp.asarray(x), 0.0, device_keys(seed, step)[0]))
-    np.testing.assert_array_equal(out, x)  # bit for bit, NaN and inf included
+    key = device_keys(seed, step)[0]
+    out = np.asarray(dropout(jnp.asarray(x), 0.0, key))
+    assert out.dtype == x.dtype and out.tobytes() == x.tobytes()  # bit for bit, NaN and -0.0
+    # Large enough that dropping even one unit in 10**4 would show.
+    big = np.random.default_rng(seed).normal(size=2**16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(dropout(jnp.asarray(big), 0.0, key)), big)
 
 
 @settings(max_examples=20 * SCALE, deadline=None)
