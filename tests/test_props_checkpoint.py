@@ -67,3 +67,33 @@ def test_save_then_restore_returns_the_same_tree(scratch, tree, meta, step):
         assert ckpt.restore_meta(step) == meta
     finally:
         ckpt.close()
+
+
+@pytest.mark.slow
+@settings(max_examples=2 * SCALE, deadline=None, phases=[Phase.explicit, Phase.generate])
+@given(seed=st.integers(0, 2**32 - 1), step=st.integers(0, 10**6))
+def test_a_quickstart_train_state_round_trips(scratch, seed, step):
+    """The tree that training saves: the quickstart model's parameters, the optimiser state with
+    its injected learning rate, and the plateau state."""
+    from alexnet_jax import optim
+    from alexnet_jax.model import abstract_params, from_config
+    from alexnet_jax.train import TrainState
+    from experiments import digits
+
+    config = digits.get_config()
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(
+        lambda s: rng.normal(size=s.shape).astype(np.float32),
+        abstract_params(from_config(config.model), (64, 64, 3)),
+    )
+    tx = optim.make_optimizer(config.optim, params)
+    state = jax.device_get(
+        TrainState(np.int32(step), params, tx.init(params), optim.plateau_init())
+    )
+    ckpt = Checkpointer(tempfile.mkdtemp(dir=scratch))
+    try:
+        ckpt.save(step, state, {"seed": seed % 2**31}, val_top1_error=0.5)
+        ckpt.wait()
+        _assert_same_tree(ckpt.restore(state, step), state)
+    finally:
+        ckpt.close()

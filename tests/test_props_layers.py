@@ -12,6 +12,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,6 +161,22 @@ def test_max_pool_value_and_gradient_equal_jax_reduce_window_with_ties(case):
             expected = np.zeros(x.shape[1:3], np.float32)
             expected[oi * stride + i, oj * stride + j] = 1.0
             np.testing.assert_array_equal(dx[b, :, :, c], expected)
+
+
+@pytest.mark.slow
+@settings(max_examples=5 * SCALE, deadline=None)
+@given(
+    size=st.sampled_from([55, 27, 13]),  # the paper's three pooled maps (224 input)
+    channels=st.integers(1, 8),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_max_pool_gradient_on_the_papers_map_sizes(size, channels, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-1, 2, (2, size, size, channels)).astype(np.float32)
+    g = rng.integers(-3, 4, (2, (size - 3) // 2 + 1, (size - 3) // 2 + 1, channels))
+    (y, dx), (y_plain, dx_plain) = _both_vjps(x, g.astype(np.float32), 3, 2)
+    np.testing.assert_array_equal(y, y_plain)
+    np.testing.assert_array_equal(dx, dx_plain)
 
 
 # --- chex variants: the same laws jitted, not jitted and pmapped ------------------------------
