@@ -96,13 +96,13 @@ def _check_lrn(x, params):
     np.testing.assert_allclose(got, lrn_reference(x, **params), rtol=2e-5, atol=1e-6)
 
 
-@settings(max_examples=20 * SCALE, deadline=None)
+@settings(max_examples=15 * SCALE, deadline=None)
 @given(lrn_cases())
 def test_lrn_equals_the_formula(case):
     _check_lrn(*case)
 
 
-@settings(max_examples=12 * SCALE, deadline=None)
+@settings(max_examples=10 * SCALE, deadline=None)
 @given(size=st.integers(1, 9), channels=st.integers(1, 12), at=st.data())
 def test_lrn_window_is_size_channels_wide(size, channels, at):
     """A single non-zero channel c is seen exactly by the channels whose window holds c: the
@@ -136,7 +136,7 @@ def pool_cases(draw):
     return x, g, window, stride
 
 
-@settings(max_examples=15 * SCALE, deadline=None)
+@settings(max_examples=12 * SCALE, deadline=None)
 @given(pool_cases())
 def test_max_pool_value_and_gradient_equal_jax_reduce_window_with_ties(case):
     """JAX's gradient of reduce_window max is select_and_scatter, nn.max_pool's (checked with
@@ -197,7 +197,7 @@ class LayerVariantsTest(chex.TestCase):
         np.testing.assert_allclose(lrn(x), expected, rtol=2e-5, atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
-    @parameterized.named_parameters(("w3s2", 3, 2), ("w2s3", 2, 3))
+    @parameterized.named_parameters(("w3s2", 3, 2))  # other windows: the hypothesis tests
     def test_max_pool_and_its_gradient(self, window, stride):
         rng = np.random.default_rng(window * 10 + stride)
         x = rng.integers(-1, 2, (2, 9, 8, 3)).astype(np.float32)  # ties in most windows

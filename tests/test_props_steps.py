@@ -2,8 +2,11 @@
 jitted and pmapped (chex variants) on the quickstart network (experiments/digits.py).
 
 The steps need a named axis. Under pmap it is the device axis of 4 CPU devices, each given the
-same arguments (chex broadcasts them), so the law must account for 4 different dropout masks
-and for psum counting every example 4 times. Jitted and plain calls get a vmap of one "device".
+same arguments, so the law must account for 4 different dropout masks and for psum counting
+every example 4 times. Jitted and plain calls get a vmap of one "device".
+
+Compiling the network dominates the time: the laws share one jitted reference, and the forward
+pass and the eval step share one program per variant.
 """
 
 import functools
@@ -103,29 +106,14 @@ def _softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
-class ForwardTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
-    def test_forward_is_the_same_function_and_dropout_acts_only_in_training(self):
-        _, model, _, _, state, batch = _setup()
-        key, other_key = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
-
-        def forward(params, x, key):
-            apply = functools.partial(model.apply, {"params": params})
-            return apply(x, train=False), apply(x, train=True, rngs={"dropout": key})
-
-        # A vmap of one device for jit and plain calls, as in the step tests: the eval step's
-        # plain call then finds its eager ops compiled.
-        forward, _ = _on_devices(self.variant, forward)
-        eval_logits, train_logits = jax.device_get(forward(state.params, batch["image"], key))
-        ref_eval, ref_train, *_ = _reference()(state.params, batch, key)
-        _, ref_other, *_ = _reference()(state.params, batch, other_key)
-        assert eval_logits.shape == (4, 10) and eval_logits.dtype == np.float32
-        tol = dict(rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(eval_logits, ref_eval, **tol)
-        np.testing.assert_allclose(train_logits, ref_train, **tol)
-        # Training drops units: not the evaluation logits, and other ones under another key.
-        assert not np.allclose(train_logits, eval_logits, **tol)
-        assert not np.allclose(train_logits, ref_other, **tol)
+def test_dropout_acts_only_in_training():
+    _, _, _, _, state, batch = _setup()
+    ref_eval, ref_train, *_ = _reference()(state.params, batch, jax.random.PRNGKey(1))
+    _, ref_again, *_ = _reference()(state.params, batch, jax.random.PRNGKey(1))
+    _, ref_other, *_ = _reference()(state.params, batch, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(ref_train, ref_again)
+    assert not np.allclose(ref_train, ref_eval, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(ref_train, ref_other, rtol=1e-4, atol=1e-5)
 
 
 def _check_train_step(variant):
@@ -173,38 +161,44 @@ class TrainStepEagerTest(chex.TestCase):
         _check_train_step(self.variant)
 
 
-def _check_eval_step(variant, views):
-    _, model, _, _, state, batch = _setup()
-    examples = 4 // views
-    images = batch["image"].reshape(examples, views, *IMAGE) if views > 1 else batch["image"]
-    labels = batch["label"][:examples]
-    mask = np.arange(examples) < examples - 1  # the last example is padding
-    fn, n = _on_devices(variant, functools.partial(eval_step, model=model, axis_name=AXIS))
-    sums = jax.device_get(fn(state.params, {"image": images, "label": labels, "mask": mask}))
-
-    # The law: softmax averaged over the views, summed over the unmasked examples, and psum
-    # adds the n devices' (identical) sums.
-    ref_eval, *_ = _reference()(state.params, batch, jax.random.PRNGKey(0))
-    probs = _softmax(ref_eval).reshape(examples, views, 10).mean(1)
-    label_p = probs[np.arange(examples), labels]
-    rank = (probs > label_p[:, None]).sum(-1)  # classes that beat the label
-    weight = mask.astype(np.float64)
-    expected = {
-        "loss": -np.log(label_p) @ weight,
-        "top1_error": (rank >= 1) @ weight,
-        "top5_error": (rank >= 5) @ weight,
-        "count": weight.sum(),
-    }
-    assert set(sums) == set(expected)
-    for key, value in expected.items():
-        np.testing.assert_allclose(sums[key], n * value, rtol=1e-4, err_msg=key)
-
-
-class EvalStepTest(chex.TestCase):
+class ForwardAndEvalStepTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
-    def test_eval_step_averages_views_and_sums_unmasked_examples(self):
-        _check_eval_step(self.variant, views=2)
+    def test_forward_pass_and_eval_step(self):
+        """Two laws from one program per variant (compiling the network is most of the time):
+        the forward pass is the reference's, and the eval step averages the softmax over the
+        views and sums over the unmasked examples."""
+        _, model, _, _, state, batch = _setup()
+        examples, views = 2, 2
+        eval_batch = {
+            "image": batch["image"].reshape(examples, views, *IMAGE),
+            "label": batch["label"][:examples],
+            "mask": np.array([True, False]),  # the last example is padding
+        }
 
-    @chex.variants(with_jit=True)
-    def test_eval_step_without_a_view_axis(self):
-        _check_eval_step(self.variant, views=1)
+        def forward_and_eval(params, eval_batch):
+            # The images as eval_step flattens them: XLA computes the network once for both.
+            images = eval_batch["image"].reshape((-1, *IMAGE))
+            logits = model.apply({"params": params}, images, train=False)
+            return logits, eval_step(params, eval_batch, model=model, axis_name=AXIS)
+
+        fn, n = _on_devices(self.variant, forward_and_eval)
+        logits, sums = jax.device_get(fn(state.params, eval_batch))
+        ref_eval, *_ = _reference()(state.params, batch, jax.random.PRNGKey(0))
+
+        assert logits.shape == (4, 10) and logits.dtype == np.float32
+        np.testing.assert_allclose(logits, ref_eval, rtol=1e-4, atol=1e-5)
+
+        # psum adds the n devices' (identical) sums.
+        probs = _softmax(ref_eval).reshape(examples, views, 10).mean(1)
+        label_p = probs[np.arange(examples), eval_batch["label"]]
+        rank = (probs > label_p[:, None]).sum(-1)  # classes that beat the label
+        weight = eval_batch["mask"].astype(np.float64)
+        expected = {
+            "loss": -np.log(label_p) @ weight,
+            "top1_error": (rank >= 1) @ weight,
+            "top5_error": (rank >= 5) @ weight,
+            "count": weight.sum(),
+        }
+        assert set(sums) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_allclose(sums[key], n * value, rtol=1e-4, err_msg=key)
