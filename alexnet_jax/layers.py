@@ -35,9 +35,11 @@ def local_response_norm(
 ) -> Array:
     """Local response normalisation over the channel (last) axis of an NHWC array (section 3.3).
 
-    b_i = a_i / (k + alpha' * sum_{|j-i| <= size//2} a_j^2) ** beta, the window clipped at the
-    edges, with alpha' = alpha (the paper as printed, TF's convention) or alpha / size (the
-    author's cuda-convnet2, Caffe and PyTorch).
+    b_i = a_i / (k + alpha' * sum_{i - size//2 <= j <= i + (size-1)//2} a_j^2) ** beta, the
+    window clipped at the edges, with alpha' = alpha (the paper as printed, TF's convention) or
+    alpha / size (the author's cuda-convnet2, Caffe and PyTorch). For odd sizes (the paper's 5)
+    the window is |j - i| <= size//2; an even size takes PyTorch's window (one channel fewer
+    after i than before it), so `size` channels are summed, as `nn.LocalResponseNorm` sums them.
 
     The windowed sum is a matmul with a banded 0/1 matrix: on CPUs and GPUs a small dense matmul
     over channels is much faster than a `reduce_window` over a window of 5 channels.
@@ -48,9 +50,15 @@ def local_response_norm(
 
 
 def _channel_band(channels: int, size: int, dtype: Any) -> Array:
-    """B[i, j] = 1 where |i - j| <= size // 2: (a ** 2) @ B sums each channel's window."""
+    """B[j, i] = 1 where i - size//2 <= j <= i + (size-1)//2: (a ** 2) @ B sums each window.
+
+    torch pads size//2 channels before and (size-1)//2 after and averages `size` of them; the
+    same bounds here keep even sizes (not symmetric) equal to PyTorch's.
+    """
     idx = np.arange(channels)
-    return jnp.asarray(np.abs(idx[:, None] - idx[None, :]) <= size // 2, dtype=dtype)
+    offset = idx[:, None] - idx[None, :]  # j - i
+    band = (offset >= -(size // 2)) & (offset <= (size - 1) // 2)
+    return jnp.asarray(band, dtype=dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
