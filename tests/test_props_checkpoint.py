@@ -12,6 +12,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 # The library, imported in one place.
+from alexnet_jax import checkpoint
 from alexnet_jax.checkpoint import Checkpointer
 
 SCALE = 10 if settings.get_current_profile_name() == "slow" else 1
@@ -64,7 +65,9 @@ def test_save_then_restore_returns_the_same_tree(scratch, tree, meta, step):
         # The restore target may be abstract: only shapes and dtypes.
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
         _assert_same_tree(jax.device_get(ckpt.restore(abstract, step)), tree)
-        assert ckpt.restore_meta(step) == meta
+        restored = ckpt.restore_meta(step)
+        assert restored.pop("digests").keys() == checkpoint.digests(tree).keys()  # verified
+        assert restored == meta
     finally:
         ckpt.close()
 
@@ -77,7 +80,7 @@ def test_a_quickstart_train_state_round_trips(scratch, seed, step):
     its injected learning rate, and the plateau state."""
     from alexnet_jax import optim
     from alexnet_jax.model import abstract_params, from_config
-    from alexnet_jax.train import TrainState
+    from alexnet_jax.steps import TrainState
     from experiments import digits
 
     config = digits.get_config()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # The library, imported in one place.
-from alexnet_jax.config import apply_overrides
+from alexnet_jax.config import apply_overrides, choice_registries
 from alexnet_jax.sweep import override_text
 from experiments import digits
 
@@ -68,7 +68,10 @@ def test_every_field_type_is_generated():
 @settings(max_examples=200 * SCALE, deadline=None)
 @given(key=st.sampled_from(KEYS), at=st.data())
 def test_override_text_parses_back_to_the_value(key, at):
-    value = at.draw(VALUES[type(FIELDS[key])], label=key)
+    # A choice field takes only its registry's values (anything else exits 2 up front).
+    choices = choice_registries().get(key)
+    strategy = st.sampled_from(choices) if choices else VALUES[type(FIELDS[key])]
+    value = at.draw(strategy, label=key)
     config = digits.get_config()
     apply_overrides(config, {key: override_text(value)})
     got = _get(config, key)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # The library, imported in one place (train.py is being split into steps.py and others).
-from alexnet_jax.train import dropout_base_key, dropout_key
+from alexnet_jax.steps import dropout_base_key, dropout_key
 
 SCALE = 10 if settings.get_current_profile_name() == "slow" else 1
 AXIS = "devices"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 # The library's layers, imported in one place (they are moving to alexnet_jax/layers.py).
-from alexnet_jax.model import local_response_norm, max_pool
+from alexnet_jax.layers import local_response_norm, max_pool
 
 SCALE = 10 if settings.get_current_profile_name() == "slow" else 1
 

@@ -22,7 +22,7 @@ import pytest
 from alexnet_jax import optim
 from alexnet_jax.model import abstract_params, from_config
 from alexnet_jax.parallel import AXIS
-from alexnet_jax.train import TrainState, dropout_base_key, eval_step, train_step
+from alexnet_jax.steps import TrainState, dropout_base_key, eval_step, train_step
 from experiments import digits
 
 IMAGE = (64, 64, 3)
@@ -199,6 +199,11 @@ class ForwardAndEvalStepTest(chex.TestCase):
             "top5_error": (rank >= 5) @ weight,
             "count": weight.sum(),
         }
+        # The confusion matrix of the final report: true class x predicted, unmasked only.
+        confusion = np.zeros((10, 10))
+        for y, p, w in zip(eval_batch["label"], probs.argmax(-1), weight, strict=True):
+            confusion[y, p] += w
+        np.testing.assert_array_equal(sums.pop("confusion"), n * confusion)
         assert set(sums) == set(expected)
         for key, value in expected.items():
             np.testing.assert_allclose(sums[key], n * value, rtol=1e-4, err_msg=key)
