@@ -218,7 +218,7 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"model.dropout_rate must be in [0, 1); got {rate}")
     positive = ["optim.learning_rate", "data.image_size", "model.dense_features"]
     at_least = {"seed": 0, "keep_checkpoints": 1, "model.groups": 1, "model.num_classes": 1}
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "profile_steps"):
         at_least[key] = 0  # 0 turns it off
     for key in positive:
         if keys.get(config, key, 1) <= 0:

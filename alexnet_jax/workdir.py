@@ -25,6 +25,7 @@ TENSORBOARD = "tb"  # one event directory per split
 LEAKAGE = "leakage.csv"  # exact copies between the splits (data/leakage.py)
 PER_CLASS = "per_class_{split}.csv"  # the final report of a split (classification.py)
 CONFUSION = "confusion_{split}"  # .npy always, .png up to 50 classes
+PROFILE = "profile"  # --config.profile_steps=N: a jax.profiler trace (plugins/profile/<run>/)
 
 
 def path(workdir: str, name: str) -> str:
