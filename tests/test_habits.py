@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
+import struct
 from contextlib import redirect_stdout
 
 import pytest
 
 from alexnet_jax import cli
 from alexnet_jax import workdir as wd
+from alexnet_jax.metrics import MetricWriter
+from alexnet_jax.sweep import grid, runner
 
 TINY_FLAGS = [
     "--config.model.conv_features=(8, 16, 16, 16, 16)",
@@ -81,3 +85,56 @@ def test_config_flag_names_the_experiment_as_config_flags_does(capsys, argv):
 def test_config_flag_errors_exit_2_with_one_line(capsys, argv, message):
     rc, _, err = _launch(capsys, *argv, "--dry_run")
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def read_events(directory: str) -> list:
+    """Every Event in the directory's event files (TFRecord framing: length, crc, data, crc);
+    tensorboardX's own protos parse them, so the test needs neither TensorBoard nor TF."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for file in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        with open(file, "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + length]))
+            i += 12 + length + 4
+    return events
+
+
+def test_a_finished_sweep_point_is_an_hparams_session_with_its_final_metrics(tmp_path):
+    point = {"model.dropout_rate": 0.5, "model.use_lrn": False, "model.conv_features": (8, 8)}
+    run_dir = tmp_path / grid.point_name(point)
+    writer = MetricWriter(str(run_dir))
+    writer.write(10, "val", {"top1_error": 0.25, "top5_error": 0.05, "crops": 1})
+    writer.write(10, "test", {"top1_error": 0.2, "top5_error": 0.04, "crops": 1})
+    writer.close()
+    (run_dir / wd.RUN).write_text(json.dumps({"wall_s": 12.5}))
+    unfinished = {"model.dropout_rate": 0.0}
+    assert not runner.log_hparams(str(tmp_path), unfinished)
+
+    assert runner.log_hparams(str(tmp_path), point)
+    from tensorboardX.proto import plugin_hparams_pb2
+
+    events = read_events(str(run_dir / wd.HPARAMS))
+    values = [v for e in events if e.HasField("summary") for v in e.summary.value]
+    plugin = [v for v in values if v.metadata.plugin_data.plugin_name == "hparams"]
+    start = [
+        plugin_hparams_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+        for v in plugin
+        if v.tag == "_hparams_/session_start_info"
+    ]
+    (info,) = [d.session_start_info for d in start]
+    assert info.hparams["model.dropout_rate"].number_value == 0.5
+    assert info.hparams["model.use_lrn"].bool_value is False
+    assert info.hparams["model.conv_features"].string_value == "(8, 8)"
+    scalars = {v.tag: v.simple_value for v in values if v.HasField("simple_value")}
+    assert scalars["val_top1_error"] == pytest.approx(0.25)
+    assert scalars["test_top1_error"] == pytest.approx(0.2)
+    assert scalars["wall_s"] == pytest.approx(12.5) and "crops" not in scalars
+    # Written once: a rerun of the sweep that skips the point leaves the session as it is.
+    before = sorted(os.listdir(run_dir / wd.HPARAMS))
+    assert runner.log_hparams(str(tmp_path), point)
+    assert sorted(os.listdir(run_dir / wd.HPARAMS)) == before
