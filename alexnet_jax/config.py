@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ def load_module(path: str) -> Any:
     """Imports an experiment file by path."""
     if not path.endswith(".py") or not os.path.isfile(path):
         raise UsageError(f"experiment file not found: {path}")
+    _import_root(path)
     name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -47,6 +49,21 @@ def load_module(path: str) -> Any:
         message = f"{path}: get_config must take one argument: get_config(arg=None)"
         raise UsageError(message) from None
     return module
+
+
+def _import_root(path: str) -> None:
+    """Puts the folder above the experiment's package on sys.path, so that its own imports
+    (`from experiments import imagenet`) resolve wherever the command runs from.
+
+    `python launch.py` gets the checkout's root on sys.path for free (the script's folder); the
+    installed `alexnet-jax` command and `python -m alexnet_jax.bench` do not, and experiments are
+    files passed by path, never installed.
+    """
+    root = os.path.dirname(os.path.abspath(path))
+    while os.path.isfile(os.path.join(root, "__init__.py")):
+        root = os.path.dirname(root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -138,3 +138,73 @@ def test_a_finished_sweep_point_is_an_hparams_session_with_its_final_metrics(tmp
     before = sorted(os.listdir(run_dir / wd.HPARAMS))
     assert runner.log_hparams(str(tmp_path), point)
     assert sorted(os.listdir(run_dir / wd.HPARAMS)) == before
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pins() -> dict[str, tuple[str, str]]:
+    """requirements.txt as {normalised name: (section, version)}; its comments name sections."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins, section = {}, "runtime"
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("# Tests and lint"):
+                section = "test"
+            if not line or line.startswith("#"):
+                continue
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"requirements.txt pins exact versions: {line}"
+            pins[canonicalize_name(req.name)] = (section, spec.version)
+    return pins
+
+
+def test_pyproject_dependencies_agree_with_the_pinned_requirements():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    declared = {"runtime": project["dependencies"], **project["optional-dependencies"]}
+    seen = {}
+    for section, lines in declared.items():
+        for line in lines:
+            req = Requirement(line)
+            seen[canonicalize_name(req.name)] = (section, req.specifier)
+    pins = _pins()
+    assert sorted(seen) == sorted(pins), "the same packages in both files"
+    for name, (section, version) in pins.items():
+        declared_section, specifier = seen[name]
+        assert declared_section == section, name
+        assert specifier.contains(version), f"{name}=={version} does not satisfy {specifier}"
+
+
+def test_the_console_command_is_what_launch_py_runs():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    module, _, attr = pyproject["project"]["scripts"]["alexnet-jax"].partition(":")
+    assert (module, attr) == ("alexnet_jax.cli", "main")  # launch.py: sys.exit(main())
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["alexnet_jax*"]
+
+
+def test_an_experiment_loads_by_path_from_anywhere(tmp_path, monkeypatch):
+    """The installed command runs from any folder, without the checkout on sys.path: the
+    experiment's own `from experiments import imagenet` must still resolve."""
+    import sys
+
+    from alexnet_jax import config as config_lib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != ROOT])
+    for name in [m for m in sys.modules if m == "experiments" or m.startswith("experiments.")]:
+        monkeypatch.delitem(sys.modules, name)
+    config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits.py"))
+    assert config.dataset == "digits"
