@@ -38,6 +38,8 @@ def load_module(path: str) -> Any:
     _import_root(path)
     name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # a .py file always has one; say so if not
+        raise UsageError(f"cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     get_config = getattr(module, "get_config", None)

@@ -78,12 +78,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
         result["val"] = val_metrics
     # The seed notes' discipline: the test split is evaluated once, after everything is fixed;
     # records.final_test records it in the test ledger (and a rerun does not look again).
+    def test_report() -> dict[str, Any]:
+        metrics, confusion = evaluate(
+            steps, dstate.params, source, "test", config, return_confusion=True
+        )
+        return records.test_report(metrics, confusion, path, source.info.class_names)
+
     test_metrics = records.final_test(
-        lambda: records.test_report(
-            *evaluate(steps, dstate.params, source, "test", config, return_confusion=True),
-            path,
-            source.info.class_names,
-        ),
+        test_report,
         path,
         step,
         config,

@@ -81,7 +81,7 @@ class DigitsSource:
                 raise UsageError(f"cannot decode {path}: {e}") from None
             return source.preprocess(pixels)
 
-        return preprocess, tuple(source.info.class_names)
+        return preprocess, source.info.label_names()
 
     def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
         """split -> [(index in load_digits(), digest of its raw 8x8 pixels)], for the leakage

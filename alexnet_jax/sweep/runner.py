@@ -131,7 +131,7 @@ def run_point(
 ) -> None:
     """Trains one point; `run.json` accumulates its wall time over interrupted sessions."""
     path = wd.path(workdir, wd.RUN)
-    record = {"overrides": point, "wall_s": 0.0, "sessions": 0, "finished": False}
+    record: dict[str, Any] = {"overrides": point, "wall_s": 0.0, "sessions": 0, "finished": False}
     if os.path.exists(path):
         with open(path) as f:
             record |= json.load(f)
