@@ -131,7 +131,8 @@ def train_step(
     net.train()
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = nn.functional.cross_entropy((model or net)(images), labels)
+        forward = net if model is None else model  # `or` would ask a compiled module its len()
+        loss = nn.functional.cross_entropy(forward(images), labels)
     loss.backward()
     opt.step()
     return loss.item()
