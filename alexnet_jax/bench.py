@@ -189,6 +189,14 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
         n = args.matmul_size or (2048 if devices[0].platform == "cpu" else 8192)
         peaks[dtype] = matmul_peak_gflops(jnp.dtype(dtype), n)
         print(f"matmul peak ({dtype}, {n}^3, best of 8): {peaks[dtype]:.1f} GFLOP/s", flush=True)
+    upcast = "bfloat16" in args.dtypes and cpu_flags.bf16_upcast()
+    if upcast:
+        print(
+            "note: this backend computes bfloat16 convolutions and matmuls in float32 (XLA:CPU "
+            "converts around each one; no AMX-BF16 kernels): bfloat16 saves no arithmetic here "
+            "and costs the converts. Train in float32 on CPUs; bfloat16 is for GPUs and TPUs.",
+            flush=True,
+        )
     torch_modes = [] if args.no_torch or not torch_available() else args.torch_modes
     results = []
     for batch_size in args.batch_sizes:
@@ -203,6 +211,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
         times = interleave(runners, args.steps, args.warmup)
         for dtype, config in configs.items():
             row = _row(times, dtype, config, flops_fwd, peaks[dtype], devices)
+            if dtype == "bfloat16":
+                row["bf16_computed_in_float32"] = upcast
             results.append(row)
             print(_format(row), flush=True)
         del runners

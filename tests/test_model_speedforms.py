@@ -222,6 +222,14 @@ def test_bench_rejects_an_unknown_torch_mode(capsys):
 # --- the benchmark's model FLOPs and the XLA:CPU flag -------------------------------------
 
 
+def test_xla_cpu_computes_bf16_convolutions_and_matmuls_in_float32():
+    """The evidence behind the README's bf16-on-CPU note: jaxlib 0.10's XLA:CPU upcasts them (no
+    AMX path). A jaxlib that stops doing so fails here: then measure bf16 on CPU again."""
+    if jax.default_backend() != "cpu" or not metadata.version("jaxlib").startswith("0.10."):
+        pytest.skip("measured for XLA:CPU in jaxlib 0.10")
+    assert cpu_flags.bf16_upcast()
+
+
 def test_forward_flops_of_the_paper_network():
     """0.724 GMAC per 224 px image (REFERENCE.md): convs and dense layers, groups counted."""
     macs = bench.forward_flops(AlexNet(), (224, 224, 3)) / 2
