@@ -76,6 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
     if not val_metrics:  # resumed after the end: evaluate the restored state again
         val_metrics = evaluate(steps, dstate.params, source, "val", config)
         result["val"] = val_metrics
+
     # The seed notes' discipline: the test split is evaluated once, after everything is fixed;
     # records.final_test records it in the test ledger (and a rerun does not look again).
     def test_report() -> dict[str, Any]:
