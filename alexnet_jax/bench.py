@@ -1,15 +1,18 @@
 """Training-step benchmark: the real pmapped `train_step` on synthetic data, against PyTorch.
 
     python -m alexnet_jax.bench [--batch_sizes 64,128] [--steps 10] [--dtypes float32,bfloat16]
-                                [--no_torch] [--out results.jsonl] [--config.KEY=VALUE ...]
+                                [--torch_modes eager,compile,bf16,compile_bf16] [--no_torch]
+                                [--out results.jsonl] [--config.KEY=VALUE ...]
 
 What is timed: `alexnet_jax.steps.build(...)[1].train`, the same `jax.pmap`ped step (over all
 local devices, state donated) that `launch.py` runs, on one synthetic batch made on the devices.
 The first steps compile and are not timed; each timed step waits for its result, and the report
 is the median over `--steps` steps. When PyTorch is installed, the same network (grouped convs,
-LRN, dropout, SGD with momentum; `alexnet_jax.torch_reference`) is timed in the same process,
-one PyTorch step after each JAX step, so that both see the same machine load, and the ratio
-JAX/PyTorch is printed (> 1: JAX is faster).
+LRN, dropout, SGD with momentum; `alexnet_jax.torch_reference`) is timed in the same process in
+each of `--torch_modes` (PyTorch at its best: eager, `torch.compile`, bf16 autocast, compiled bf16
+autocast). Every JAX dtype and every PyTorch mode of a batch size take turns step by step in one
+interleaved run, so that all see the same machine load, and the ratio JAX/PyTorch is printed
+against each mode (> 1: JAX is faster).
 
 XLA:CPU settings: `alexnet_jax.cpu_flags` (convolutions on Eigen, matmuls and reductions on
 YNNPACK) is applied before JAX starts, as in `launch.py`. Optional, for both frameworks alike: on
@@ -33,7 +36,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,6 +49,9 @@ from alexnet_jax import cpu_flags, steps
 from alexnet_jax.data import make_source
 from alexnet_jax.errors import UsageError
 from alexnet_jax.model import DTYPES, AlexNet, from_config
+
+# torch_reference.MODES, without importing PyTorch (optional) to check a command line.
+TORCH_MODES = ("eager", "compile", "bf16", "compile_bf16")
 
 
 def forward_flops(model: AlexNet, image_shape: tuple[int, int, int]) -> float:
@@ -104,18 +110,22 @@ def jax_runner(config: ml_collections.ConfigDict) -> Callable[[], None]:
     return step
 
 
-def torch_runner(
-    config: ml_collections.ConfigDict, channels_last: bool = False
-) -> Callable[[], None] | None:
-    """The same step in PyTorch, or None where PyTorch is not installed."""
+def torch_available() -> bool:
     try:
-        import torch
-
-        from alexnet_jax import torch_reference
+        import torch  # noqa: F401
     except ImportError:
-        return None
-    if config.model.get("dtype", "float32") != "float32":
-        return None  # PyTorch's CPU autocast is not the same recipe; compare float32 only
+        return False
+    return True
+
+
+def torch_runner(
+    config: ml_collections.ConfigDict, mode: str = "eager", channels_last: bool = False
+) -> Callable[[], object]:
+    """The same step in PyTorch in one of `torch_reference.MODES` (PyTorch must be installed)."""
+    import torch
+
+    from alexnet_jax import torch_reference
+
     torch.manual_seed(config.seed)
     model = from_config(config.model)
     net = torch_reference.TorchAlexNet(model)
@@ -131,12 +141,15 @@ def torch_runner(
     images = torch.randn(config.batch_size, 3, size, size)
     labels = torch.randint(0, model.num_classes, (config.batch_size,))
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        # Module.to(memory_format=...) is documented; torch's type stubs lack that overload.
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         images = images.contiguous(memory_format=torch.channels_last)
-    return lambda: torch_reference.train_step(net, opt, images, labels)
+    return torch_reference.make_step(net, opt, images, labels, mode)
 
 
-def interleave(runners: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict:
+def interleave(
+    runners: Mapping[str, Callable[[], object]], steps: int, warmup: int
+) -> dict[str, list[float]]:
     """Per-step seconds of each runner, the runners taking turns step by step."""
     for run in runners.values():
         for _ in range(warmup):
@@ -172,26 +185,37 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
     flops_fwd = forward_flops(from_config(base.model), image_shape)
     print(f"model: {flops_fwd / 2e9:.3f} GMAC forward per image", flush=True)
     peaks = {}
+    for dtype in dict.fromkeys(args.dtypes):
+        n = args.matmul_size or (2048 if devices[0].platform == "cpu" else 8192)
+        peaks[dtype] = matmul_peak_gflops(jnp.dtype(dtype), n)
+        print(f"matmul peak ({dtype}, {n}^3, best of 8): {peaks[dtype]:.1f} GFLOP/s", flush=True)
+    upcast = "bfloat16" in args.dtypes and cpu_flags.bf16_upcast()
+    if upcast:
+        print(
+            "note: this backend computes bfloat16 convolutions and matmuls in float32 (XLA:CPU "
+            "converts around each one; no AMX-BF16 kernels): bfloat16 saves no arithmetic here "
+            "and costs the converts. Train in float32 on CPUs; bfloat16 is for GPUs and TPUs.",
+            flush=True,
+        )
+    torch_modes = [] if args.no_torch or not torch_available() else args.torch_modes
     results = []
-    for dtype in args.dtypes:
-        if dtype not in peaks:
-            n = args.matmul_size or (2048 if devices[0].platform == "cpu" else 8192)
-            peaks[dtype] = matmul_peak_gflops(jnp.dtype(dtype), n)
-            print(
-                f"matmul peak ({dtype}, {n}^3, best of 8): {peaks[dtype]:.1f} GFLOP/s", flush=True
-            )
-        for batch_size in args.batch_sizes:
-            config = bench_config(base, batch_size, dtype)
-            runners = {"jax": jax_runner(config)}
-            if not args.no_torch:
-                torch_step = torch_runner(config, args.torch_channels_last)
-                if torch_step is not None:
-                    runners["torch"] = torch_step
-            times = interleave(runners, args.steps, args.warmup)
-            row = _row(times, config, flops_fwd, peaks[dtype], devices)
+    for batch_size in args.batch_sizes:
+        # One interleaved run per batch size: every JAX dtype and every PyTorch mode.
+        configs = {dtype: bench_config(base, batch_size, dtype) for dtype in args.dtypes}
+        runners: dict[str, Callable[[], object]] = {
+            f"jax_{dtype}": jax_runner(config) for dtype, config in configs.items()
+        }
+        for mode in torch_modes:
+            torch_config = configs[args.dtypes[0]]  # PyTorch's dtype is its mode's
+            runners[f"torch_{mode}"] = torch_runner(torch_config, mode, args.torch_channels_last)
+        times = interleave(runners, args.steps, args.warmup)
+        for dtype, config in configs.items():
+            row = _row(times, dtype, config, flops_fwd, peaks[dtype], devices)
+            if dtype == "bfloat16":
+                row["bf16_computed_in_float32"] = upcast
             results.append(row)
             print(_format(row), flush=True)
-            del runners
+        del runners
     if args.out:
         with open(args.out, "a") as f:
             for row in results:
@@ -199,9 +223,17 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
     return results
 
 
-def _row(times, config, flops_fwd, peak, devices) -> dict[str, Any]:
+def _row(
+    times: dict[str, list[float]],
+    dtype: str,
+    config: ml_collections.ConfigDict,
+    flops_fwd: float,
+    peak: float,
+    devices: Sequence[Any],
+) -> dict[str, Any]:
     batch = config.batch_size
-    jax_s = statistics.median(times["jax"])
+    jax_times = times[f"jax_{dtype}"]
+    jax_s = statistics.median(jax_times)
     gflops = 3 * flops_fwd * batch / jax_s / 1e9
     row = {
         "batch_size": batch,
@@ -210,21 +242,26 @@ def _row(times, config, flops_fwd, peak, devices) -> dict[str, Any]:
         "platform": devices[0].platform,
         "cpu_ynn_convolutions_off": cpu_flags.active(),
         "num_devices": len(devices),
-        "steps": len(times["jax"]),
+        "steps": len(jax_times),
         "step_s": jax_s,
-        "step_s_min": min(times["jax"]),
-        "step_s_max": max(times["jax"]),
+        "step_s_min": min(jax_times),
+        "step_s_max": max(jax_times),
         "images_per_sec": batch / jax_s,
         "gflops": gflops,
         "peak_gflops": peak,
         "fraction_of_peak": gflops / peak,
     }
-    if "torch" in times:
-        torch_s = statistics.median(times["torch"])
-        row |= {
-            "torch_step_s": torch_s,
-            "torch_images_per_sec": batch / torch_s,
-            "jax_over_torch": torch_s / jax_s,
+    modes = {
+        name.removeprefix("torch_"): t for name, t in times.items() if name.startswith("torch")
+    }
+    if modes:
+        row["torch"] = {
+            mode: {
+                "step_s": statistics.median(t),
+                "images_per_sec": batch / statistics.median(t),
+                "jax_over_torch": statistics.median(t) / jax_s,
+            }
+            for mode, t in modes.items()
         }
     return row
 
@@ -237,10 +274,10 @@ def _format(r: dict[str, Any]) -> str:
         f"  {r['images_per_sec']:8.1f} img/s  {r['gflops']:7.1f} GFLOP/s"
         f"  {100 * r['fraction_of_peak']:5.1f} % of matmul peak"
     )
-    if "torch_step_s" in r:
-        line += (
-            f"  | PyTorch {1e3 * r['torch_step_s']:8.1f} ms {r['torch_images_per_sec']:7.1f} img/s"
-            f"  JAX/PyTorch {r['jax_over_torch']:.2f}x"
+    if "torch" in r:
+        line += "\n    PyTorch " + " | ".join(
+            f"{mode} {t['images_per_sec']:.1f} img/s: JAX/PyTorch {t['jax_over_torch']:.2f}x"
+            for mode, t in r["torch"].items()
         )
     return line
 
@@ -258,6 +295,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument(
+        "--torch_modes",
+        type=lambda s: s.split(","),
+        default=["eager", "compile", "bf16", "compile_bf16"],
+        help="PyTorch variants to time (alexnet_jax.torch_reference.MODES)",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip PyTorch even if installed")
     p.add_argument("--torch_channels_last", action="store_true", help="NHWC PyTorch tensors")
     p.add_argument("--matmul_size", type=int, help="n of the peak matmul (CPU 2048, else 8192)")
@@ -266,6 +309,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]
     args = p.parse_args(rest)
     for dtype in args.dtypes:
         config_lib.check_choice("--dtypes", dtype, DTYPES)
+    for mode in args.torch_modes:  # the names only: PyTorch need not be installed to check them
+        config_lib.check_choice("--torch_modes", mode, TORCH_MODES)
     return args, overrides
 
 

@@ -321,5 +321,7 @@ def _preemption_service() -> bool:
     return (
         jax.process_count() > 1
         and jax.distributed.is_initialized()
-        and bool(jax.config.jax_enable_preemption_service)
+        # Every flag is an attribute of jax.config at run time (JAX's documented way to read
+        # one); the type stubs list none of them.
+        and bool(jax.config.jax_enable_preemption_service)  # type: ignore[attr-defined]
     )

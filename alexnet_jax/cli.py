@@ -2,6 +2,7 @@
 
 python launch.py EXPERIMENT.py[:ARG] [--workdir DIR] [--config.KEY=VALUE ...]
                  [--mode MODE] [--dry_run]
+python launch.py --config=EXPERIMENT.py[:ARG] [...]   (ml_collections' config_flags spelling)
 python launch.py SWEEP.py[:ARG] [...] [--sweep_index I | --sweep_list] [--sweep_seeds N]
 """
 
@@ -29,7 +30,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="launch.py", description="Train and evaluate AlexNet from an experiment file.")
-    p.add_argument("experiment", help="EXPERIMENT.py[:ARG]")
+    p.add_argument("experiment", nargs="?", help="EXPERIMENT.py[:ARG]")
+    # ml_collections' config_flags convention, which JAX researchers type by habit. Only the
+    # exact `--config` reaches argparse: `--config.KEY` overrides are split off before it.
+    p.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="EXPERIMENT.py[:ARG]",
+        help="the experiment, as config_flags spells it (instead of the positional argument)",
+    )
     p.add_argument("--workdir", help="default: runs/<experiment>[_<arg>]; an existing one resumes")
     p.add_argument("--mode", default="train", choices=MODES)
     p.add_argument("--dry_run", action="store_true", help="print the config and parameters, exit")
@@ -68,7 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     """Splits `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides from the other flags."""
     rest, overrides = config_lib.split_overrides(argv)
-    return build_parser().parse_args(rest), overrides
+    args = build_parser().parse_args(rest)
+    if args.experiment is not None and args.config_file is not None:
+        raise UsageError(
+            f"two experiments: {args.experiment} and --config={args.config_file}; give one"
+        )
+    if args.experiment is None:
+        args.experiment = args.config_file
+    if args.experiment is None:
+        raise UsageError("no experiment: give EXPERIMENT.py[:ARG] or --config=EXPERIMENT.py[:ARG]")
+    return args, overrides
 
 
 def default_workdir(spec: str) -> str:

@@ -18,7 +18,13 @@ from alexnet_jax import keys
 from alexnet_jax.errors import UsageError
 
 # Never change a number a run produces: how often it logs and saves, where the data lives.
-LOGGING = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval.batch_size")
+LOGGING = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval.batch_size",
+    "profile_steps",
+)
 LOCATION = ("data.data_dir", "data.manual_dir", "data.prepared_dir", "data.mean_image_path")
 # The length of a run: a resumed run may be extended (checkpoint.resume says how).
 LENGTH = ("num_train_steps", "num_epochs")

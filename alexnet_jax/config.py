@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,8 +35,11 @@ def load_module(path: str) -> Any:
     """Imports an experiment file by path."""
     if not path.endswith(".py") or not os.path.isfile(path):
         raise UsageError(f"experiment file not found: {path}")
+    _import_root(path)
     name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # a .py file always has one; say so if not
+        raise UsageError(f"cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     get_config = getattr(module, "get_config", None)
@@ -47,6 +51,21 @@ def load_module(path: str) -> Any:
         message = f"{path}: get_config must take one argument: get_config(arg=None)"
         raise UsageError(message) from None
     return module
+
+
+def _import_root(path: str) -> None:
+    """Puts the folder above the experiment's package on sys.path, so that its own imports
+    (`from experiments import imagenet`) resolve wherever the command runs from.
+
+    `python launch.py` gets the checkout's root on sys.path for free (the script's folder); the
+    installed `alexnet-jax` command and `python -m alexnet_jax.bench` do not, and experiments are
+    files passed by path, never installed.
+    """
+    root = os.path.dirname(os.path.abspath(path))
+    while os.path.isfile(os.path.join(root, "__init__.py")):
+        root = os.path.dirname(root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -218,7 +237,7 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"model.dropout_rate must be in [0, 1); got {rate}")
     positive = ["optim.learning_rate", "data.image_size", "model.dense_features"]
     at_least = {"seed": 0, "keep_checkpoints": 1, "model.groups": 1, "model.num_classes": 1}
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "profile_steps"):
         at_least[key] = 0  # 0 turns it off
     for key in positive:
         if keys.get(config, key, 1) <= 0:

@@ -42,3 +42,36 @@ def configure() -> bool:
 def active() -> bool:
     """Whether this process's XLA_FLAGS keep convolutions off YNNPACK."""
     return f"{OPTION}={VALUE}" in os.environ.get("XLA_FLAGS", "")
+
+
+def bf16_upcast() -> bool:
+    """Whether this backend computes bfloat16 convolutions and matmuls in float32.
+
+    XLA:CPU in jaxlib 0.10 has no bfloat16 convolution or matmul kernel on its paths (Eigen,
+    YNNPACK; the oneDNN fusion options do not take them either): a pass rewrites each one into
+    convert -> float32 op -> convert before any library sees it, so the AMX-BF16 units of recent
+    Xeons stay idle and `model.dtype=bfloat16` costs the converts and saves no arithmetic.
+    Read off the compiled HLO of one small convolution and one matmul, so that a jaxlib that
+    changes this is noticed (the benchmark prints it; tests/test_model_speedforms.py checks it).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((2, 8, 8, 8), jnp.bfloat16)
+    w = jnp.zeros((3, 3, 8, 8), jnp.bfloat16)
+
+    def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+
+    texts = [
+        jax.jit(conv).lower(x, w).compile().as_text(),
+        jax.jit(jnp.matmul).lower(x[0, 0], w[0, 0]).compile().as_text(),
+    ]
+    ops = [
+        line.split("=", 1)[1].strip()
+        for text in texts
+        for line in (text or "").splitlines()  # None where a backend cannot print its HLO
+        if " convolution(" in line or " dot(" in line
+    ]
+    return bool(ops) and all(op.startswith("f32") for op in ops)

@@ -20,7 +20,8 @@ TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_synse
 def synsets_and_names() -> tuple[tuple[str, str], ...]:
     """((synset, name), ...) in label order: entry i is TFDS label i."""
     with open(TABLE) as f:
-        rows = tuple(tuple(line.rstrip("\n").split(" ", 1)) for line in f if line.strip())
+        pairs = [line.rstrip("\n").split(" ", 1) for line in f if line.strip()]
+    rows = tuple((synset, name) for synset, name in pairs)
     if len(rows) != 1000:
         raise RuntimeError(f"{TABLE} has {len(rows)} classes, not 1000")
     return rows

@@ -91,6 +91,30 @@ class MetricWriter:
             writer.close()
 
 
+def write_hparams(directory: str, hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """One TensorBoard HParams session in `directory`: the run's settings and final metrics.
+
+    TensorBoard's HParams view (`tensorboard --logdir SWEEP_WORKDIR`) lists every directory that
+    holds such a session as one row, so a sweep compares there point by point. Values it cannot
+    show (tuples, None) go in as their text; metrics that are not numbers are left out.
+    """
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams as hparams_summary
+
+    shown = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+    numbers = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    # What SummaryWriter.add_hparams writes, without the parent writer's extra empty event file.
+    with SummaryWriter(directory) as writer:
+        for summary in hparams_summary(shown, numbers):
+            writer.file_writer.add_summary(summary)
+        for key, value in numbers.items():
+            writer.add_scalar(key, value)
+
+
 def _to_python(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         value = value.item()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import chex
 import flax
@@ -34,9 +34,12 @@ from alexnet_jax.parallel import Plan, make_plan
 Array = jax.Array
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training; with the config it determines the run."""
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training; with the config it determines the run.
+
+    A PyTreeNode is the same frozen dataclass pytree as `@flax.struct.dataclass`, with a typed
+    `replace` that type checkers see.
+    """
 
     step: Array
     params: Any
@@ -112,7 +115,10 @@ def eval_step(
     chex.assert_rank(batch["label"], 1)
     chex.assert_equal_shape([batch["label"], batch["mask"]])
     crops = images.shape[1] if images.ndim == 5 else 1
-    logits = model.apply({"params": params}, images.reshape((-1, *images.shape[-3:])), train=False)
+    logits = cast(  # without `mutable`, apply returns the output alone
+        Array,
+        model.apply({"params": params}, images.reshape((-1, *images.shape[-3:])), train=False),
+    )
     log_probs = jax.nn.log_softmax(logits).reshape((-1, crops, logits.shape[-1]))
     scores = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)

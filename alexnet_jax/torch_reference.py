@@ -1,14 +1,20 @@
 """The same network and SGD step in PyTorch, the yardstick of `alexnet_jax.bench`.
 
-PyTorch is optional (not in requirements.txt): `pip install torch`. The module mirrors
+PyTorch is optional (not in requirements.txt): `pip install torch==2.13.0`. The module mirrors
 `alexnet_jax.model.AlexNet` field by field (grouped convolutions, LRN with the same alpha
 convention and place, dropout placement, the torchvision preset's 6x6 pool), so that a speed
 ratio compares the same mathematics; `load_params` copies JAX parameters in, and
 tests/test_model_speedforms.py checks that both give the same logits.
+
+`MODES` are PyTorch at its best on a CPU, as a researcher would run it: eager float32,
+`torch.compile` (Inductor), eager under bf16 autocast and compiled under bf16 autocast (oneDNN
+reaches the AMX-BF16 tiles of recent Xeons there). Autocast keeps float32 parameters and
+optimiser state, like `model.dtype=bfloat16` on the JAX side.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,6 +71,30 @@ class TorchAlexNet(nn.Module):
         return self.fc8(x)
 
 
+MODES = ("eager", "compile", "bf16", "compile_bf16")
+
+
+def make_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "eager",
+) -> Callable[[], float]:
+    """One training step of `net` on a fixed batch in one of `MODES`; each call returns the loss.
+
+    `torch.compile` compiles the network (forward and, through AOTAutograd, its backward); the
+    loss, the backward call and the SGD update stay eager, as in the usual research loop.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown PyTorch mode {mode!r}; one of {', '.join(MODES)}")
+    model: Callable[[torch.Tensor], torch.Tensor] = net
+    if mode.startswith("compile"):
+        model = torch.compile(net)
+    autocast = mode.endswith("bf16")
+    return lambda: train_step(net, opt, images, labels, model=model, autocast=autocast)
+
+
 def make_sgd(
     net: nn.Module,
     *,
@@ -84,12 +114,25 @@ def make_sgd(
 
 
 def train_step(
-    net: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    model: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: bool = False,
 ) -> float:
-    """One forward, backward and SGD update; returns the loss."""
+    """One forward, backward and SGD update; returns the loss.
+
+    `model` runs the forward pass (`net` itself, or `torch.compile(net)`); with `autocast` the
+    forward pass and the loss run under CPU bf16 autocast (the backward follows the forward's
+    dtypes by itself, as PyTorch's AMP recipe has it).
+    """
     net.train()
     opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(net(images), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        forward = net if model is None else model  # `or` would ask a compiled module its len()
+        loss = nn.functional.cross_entropy(forward(images), labels)
     loss.backward()
     opt.step()
     return loss.item()

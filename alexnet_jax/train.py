@@ -63,6 +63,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
         workdir.write_atomic(workdir.path(path, workdir.CONFIG), text)
     writer = MetricWriter(path, enabled=primary, resume_step=start)
     loop = _Loop(config, source, steps, ckpt, writer, steps_per_epoch, total_steps, primary)
+    if primary:  # process 0's host only: one trace, in the workdir it writes anyway
+        loop.trace = _Trace(workdir.path(path, workdir.PROFILE), config.get("profile_steps", 0))
     t_start = time.time()
     try:
         dstate, step = loop.run(steps.plan.put_state(state), start)
@@ -75,14 +77,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, path: str) -> dict[str
     if not val_metrics:  # resumed after the end: evaluate the restored state again
         val_metrics = evaluate(steps, dstate.params, source, "val", config)
         result["val"] = val_metrics
+
     # The seed notes' discipline: the test split is evaluated once, after everything is fixed;
     # records.final_test records it in the test ledger (and a rerun does not look again).
+    def test_report() -> dict[str, Any]:
+        metrics, confusion = evaluate(
+            steps, dstate.params, source, "test", config, return_confusion=True
+        )
+        return records.test_report(metrics, confusion, path, source.info.class_names)
+
     test_metrics = records.final_test(
-        lambda: records.test_report(
-            *evaluate(steps, dstate.params, source, "test", config, return_confusion=True),
-            path,
-            source.info.class_names,
-        ),
+        test_report,
         path,
         step,
         config,
@@ -139,6 +144,7 @@ class _Loop:
         self._unchecked: list[tuple[int, Array]] = []  # (step, finite flag) not yet looked at
         self._last_saved: int | None = None
         self._val_step: int | None = None
+        self.trace = _Trace("", 0)  # off unless train_and_evaluate sets one
 
     def run(self, pstate: TrainState, start: int) -> tuple[TrainState, int]:
         config = self.config
@@ -149,7 +155,7 @@ class _Loop:
         per_process = plan.per_process_batch(config.batch_size)
         batches = self.source.train_batches(per_process, seed=config.seed, start_step=start)
         step = start
-        with checkpoint.sigterm_requested() as sigterm:
+        with checkpoint.sigterm_requested() as sigterm, self.trace:
             for batch in _take(plan.prefetch(batches), self.total_steps - start):
                 pstate, metrics = self.steps.train(pstate, batch, rng)
                 step += 1
@@ -157,6 +163,7 @@ class _Loop:
                 if step == start + 1:
                     jax.block_until_ready(metrics)
                     self.timer.reset(step)  # the first step compiled; img/s counts from here
+                self.trace.after_step(step - start, metrics)
                 last = step == self.total_steps
                 preempted = sigterm(step)  # once per step: multi-process, it is a sync point
                 paused = False
@@ -241,6 +248,42 @@ class _Loop:
         meta = checkpoint.make_meta(self.config, step, self.total_steps)
         self.ckpt.save(step, host_state, meta, val)
         self._last_saved = step
+
+
+class _Trace:
+    """`--config.profile_steps=N`: a jax.profiler trace of the N steps after the first one.
+
+    The first step compiles (seconds to minutes): tracing it would bury the steady-state steps
+    that one profiles for. Steps are asynchronous, so the trace ends only after the last traced
+    step's result is ready. A context manager, so that an error or the end of the data closes it.
+    """
+
+    def __init__(self, directory: str, num_steps: int):
+        self.directory, self.num_steps = directory, num_steps
+        self.active = False
+
+    def after_step(self, done: int, outputs: Any) -> None:
+        """Called after each step with the number of steps this session has run."""
+        if self.num_steps <= 0:
+            return
+        if done == 1:  # the compiled step just finished (the loop waited for it)
+            # Perfetto's JSON next to the .xplane.pb: ui.perfetto.dev opens it without TensorBoard.
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+        elif done == 1 + self.num_steps and self.active:
+            jax.block_until_ready(outputs)
+            self._stop()
+
+    def _stop(self) -> None:
+        self.active = False
+        jax.profiler.stop_trace()
+
+    def __enter__(self) -> _Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self._stop()
 
 
 def _take(it: Iterable, n: int):

@@ -22,9 +22,11 @@ SUMMARY = "summary.md"  # the end-of-training table
 RUN = "run.json"  # a sweep point's wall time over sessions
 FILTERS = "filters.png"  # --mode filters
 TENSORBOARD = "tb"  # one event directory per split
+HPARAMS = "tb/hparams"  # a sweep point's TensorBoard HParams session (overrides, final metrics)
 LEAKAGE = "leakage.csv"  # exact copies between the splits (data/leakage.py)
 PER_CLASS = "per_class_{split}.csv"  # the final report of a split (classification.py)
 CONFUSION = "confusion_{split}"  # .npy always, .png up to 50 classes
+PROFILE = "profile"  # --config.profile_steps=N: a jax.profiler trace (plugins/profile/<run>/)
 
 
 def path(workdir: str, name: str) -> str:

@@ -37,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 10_000  # about one epoch at batch 128; drives the plateau schedule
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 3
+    # A jax.profiler trace of this many steps, from the step after the first (compiled) one, into
+    # <workdir>/profile/ (TensorBoard's profile plugin or Perfetto). 0: off, since tracing slows
+    # the traced steps and writes tens of MB; the numbers a run produces do not depend on it.
+    c.profile_steps = 0
 
     c.model = ml_collections.ConfigDict()
     # A preset is a base: --config.model.preset=torchvision writes its architecture fields

@@ -21,15 +21,21 @@ from alexnet_jax.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
-    "experiments/digits.py", "--config.num_train_steps=40", "--config.checkpoint_every_steps=10",
-    "--config.eval_every_steps=20", "--config.log_every_steps=5",
+    "experiments/digits.py",
+    "--config.num_train_steps=40",
+    "--config.checkpoint_every_steps=10",
+    "--config.eval_every_steps=20",
+    "--config.log_every_steps=5",
 ]
 
 
 def _launch(workdir, *extra):
     return subprocess.Popen(
         [sys.executable, "launch.py", *RUN, "--workdir", str(workdir), *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -87,7 +93,10 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, uninterru
     assert proc.returncode == -signal.SIGKILL
     resumed = subprocess.run(
         [sys.executable, "launch.py", *RUN, "--workdir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming" in resumed.stdout and "from step" in resumed.stdout
@@ -146,8 +155,12 @@ def test_logging_may_change_but_a_run_is_not_restretched_or_shrunk(tmp_path, uni
 
 def test_a_run_whose_schedule_ignores_the_length_may_be_extended(tmp_path):
     argv = [
-        "experiments/digits.py", "--workdir", str(tmp_path), "--config.optim.schedule=constant",
-        "--config.num_train_steps=3", "--config.eval_every_steps=0",
+        "experiments/digits.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.optim.schedule=constant",
+        "--config.num_train_steps=3",
+        "--config.eval_every_steps=0",
     ]
     assert cli.main(argv) == 0
     argv[-2] = "--config.num_train_steps=5"
@@ -157,8 +170,13 @@ def test_a_run_whose_schedule_ignores_the_length_may_be_extended(tmp_path):
 
 
 def test_the_best_checkpoint_is_kept(tmp_path):
-    argv = [*RUN, "--workdir", str(tmp_path), "--config.keep_checkpoints=1",
-            "--config.eval_every_steps=10"]
+    argv = [
+        *RUN,
+        "--workdir",
+        str(tmp_path),
+        "--config.keep_checkpoints=1",
+        "--config.eval_every_steps=10",
+    ]
     assert cli.main(argv) == 0
     val = {m["step"]: m["top1_error"] for m in read_metrics(str(tmp_path)) if m["split"] == "val"}
     best = min(val, key=lambda s: (val[s], s))
@@ -169,9 +187,14 @@ def test_the_best_checkpoint_is_kept(tmp_path):
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     argv = [
-        "experiments/digits.py", "--workdir", str(tmp_path), "--config.num_train_steps=30",
-        "--config.optim.learning_rate=3e3", "--config.optim.warmup_epochs=0.5",
-        "--config.checkpoint_every_steps=2", "--config.log_every_steps=10",
+        "experiments/digits.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.num_train_steps=30",
+        "--config.optim.learning_rate=3e3",
+        "--config.optim.warmup_epochs=0.5",
+        "--config.checkpoint_every_steps=2",
+        "--config.log_every_steps=10",
     ]
     code = cli.main(argv)
     err = capsys.readouterr().err

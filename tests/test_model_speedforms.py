@@ -183,7 +183,51 @@ def test_torch_train_step_runs_and_decays_only_kernels():
     assert decays == {4: 5e-4, 2: 5e-4, 1: 0.0}
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "eager",
+        "bf16",
+        pytest.param("compile", marks=pytest.mark.slow),  # Inductor compiles for a minute
+        pytest.param("compile_bf16", marks=pytest.mark.slow),
+    ],
+)
+def test_torch_modes_compute_the_same_loss(mode):
+    """The benchmark's PyTorch variants are the same step: the first loss (before any update)
+    equals eager float32's, to bf16 precision under autocast."""
+    torch = pytest.importorskip("torch")
+    from alexnet_jax import torch_reference
+
+    model = AlexNet(num_classes=10, conv_features=(8, 16, 12, 12, 8), dense_features=24)
+    losses = {}
+    for m in ("eager", mode):
+        torch.manual_seed(0)
+        net = torch_reference.TorchAlexNet(model)
+        net.drop.p = 0.0  # the same masks are not the point here
+        opt = torch_reference.make_sgd(
+            net, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False
+        )
+        images, labels = torch.randn(4, 3, 224, 224), torch.randint(0, 10, (4,))
+        losses[m] = torch_reference.make_step(net, opt, images, labels, m)()
+    tolerance = 2e-2 if mode.endswith("bf16") else 1e-5
+    assert losses[mode] == pytest.approx(losses["eager"], rel=tolerance)
+
+
+def test_bench_rejects_an_unknown_torch_mode(capsys):
+    assert bench.main(["--torch_modes", "eager,compiled"]) == 2
+    err = capsys.readouterr().err
+    assert "--torch_modes must be one of" in err and "'compile'" in err
+
+
 # --- the benchmark's model FLOPs and the XLA:CPU flag -------------------------------------
+
+
+def test_xla_cpu_computes_bf16_convolutions_and_matmuls_in_float32():
+    """The evidence behind the README's bf16-on-CPU note: jaxlib 0.10's XLA:CPU upcasts them (no
+    AMX path). A jaxlib that stops doing so fails here: then measure bf16 on CPU again."""
+    if jax.default_backend() != "cpu" or not metadata.version("jaxlib").startswith("0.10."):
+        pytest.skip("measured for XLA:CPU in jaxlib 0.10")
+    assert cpu_flags.bf16_upcast()
 
 
 def test_forward_flops_of_the_paper_network():

@@ -2,6 +2,7 @@
 real two-point digits sweep run through the launcher (--sweep_index, then all, then again)."""
 
 import csv
+import glob
 import os
 import shlex
 import statistics
@@ -13,7 +14,7 @@ from alexnet_jax import cli, config
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import MetricWriter
 from alexnet_jax.sweep import grid, report, runner
-from alexnet_jax.workdir import read_metrics
+from alexnet_jax.workdir import HPARAMS, read_metrics
 
 ABLATION = "experiments/ablate_dropout_lrn.py"
 
@@ -190,6 +191,7 @@ def test_sweep_index_runs_one_point_and_a_rerun_skips_it(tiny, tmp_path, capsys)
         min(m["top1_error"] for m in val), abs=1e-6
     )
     assert float(row["wall_s"]) > 0
+    assert glob.glob(str(second / HPARAMS / "events.out.tfevents.*"))  # TensorBoard's HParams
     assert matplotlib.image.imread(tmp_path / "sweep.png").ndim == 3
     assert "| model.dropout_rate | model.use_lrn | runs |" in capsys.readouterr().out
 

@@ -67,6 +67,12 @@ class DatasetInfo:
     num_examples: dict[str, int]  # keys 'train', 'val', 'test'
     class_names: tuple[str, ...] | None = None
 
+    def label_names(self) -> tuple[str, ...]:
+        """The class names, or the labels as text where the dataset has none (synthetic)."""
+        if self.class_names is not None:
+            return tuple(self.class_names)
+        return tuple(str(i) for i in range(self.num_classes))
+
 
 class Source(Protocol):
     """A dataset with a training stream and finite, exactly-counted evaluation splits."""

@@ -74,7 +74,7 @@ class DigitsSource:
         def preprocess(path: str) -> np.ndarray:
             return source.preprocess(read_rgb(path))
 
-        return preprocess, tuple(source.info.class_names)
+        return preprocess, source.info.label_names()
 
     def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
         """split -> [(index in load_digits(), digest of its raw 8x8 pixels)], for the leakage

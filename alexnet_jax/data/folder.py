@@ -175,7 +175,7 @@ class FolderSource:
         """The class names come from the folder listing alone: no image is decoded."""
         listing = ml_collections.ConfigDict(config.to_dict())
         listing.data.folder_scan = "none"
-        names = tuple(cls(listing).info.class_names)
+        names = cls(listing).info.label_names()
         return tfds_common.file_preprocessor(config, _mean_image(config.data)), names
 
     def content_hashes(self) -> dict[str, list[tuple[str, str]]]:
@@ -185,8 +185,8 @@ class FolderSource:
         from alexnet_jax.data.leakage import hash_files
 
         out = {}
-        for split, (paths, _) in self._files.items():
-            paths = [str(p) for p in paths]
+        for split, (files, _) in self._files.items():
+            paths = [str(p) for p in files]
             out[split] = hash_files(paths, [os.path.relpath(p, self._root) for p in paths])
         return out
 

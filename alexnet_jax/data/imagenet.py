@@ -228,7 +228,7 @@ class ImageNetSource:
         if stored is None:
             log.info("leakage check: hashing the encoded images of %s", self._builder.name)
             return {k: hash_records(self._builder, v) for k, v in self._splits.items()}
-        out = {}
+        out: dict[str, list[tuple[str, str]]] = {}
         for key, split in self._splits.items():
             out[key] = []
             for part in self._absolute(split):  # 'train[:99%]' -> train, 0, 1268355

@@ -100,7 +100,7 @@ def train_stream(
         example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
         return (*augment.train_parts(load(key), example_seed, cfg), label)
 
-    def open_epoch(step: int) -> Iterator[Batch]:
+    def open_epoch(step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # (images, labels)
         epoch, within = divmod(step, steps_per_epoch)
         records = make_epoch(epoch)
         records = records.repeat() if skip_errors else records.take(steps_per_epoch * batch_size)

@@ -165,6 +165,12 @@ def _x_key(points: Sequence[Point]) -> str | None:
     return None
 
 
+def _value(point: Point, key: str | None) -> Any:
+    """The point's value of `key`; None where the point does not set it or there is no key (a
+    sweep over seeds alone: one x position)."""
+    return None if key is None else point.get(key)
+
+
 _COLOUR_MAPS = ("Blues", "Oranges", "Greens", "Reds", "Purples", "Greys")
 
 
@@ -183,7 +189,7 @@ def plot(path: str, workdir: str, points: Sequence[Point], rows: Sequence[dict[s
     x_key = x_key or (keys[0] if keys else None)
     other = [k for k in keys if k != x_key]
     groups = _groups(points, rows)
-    x_values = list(dict.fromkeys(p.get(x_key) for p, *_ in groups))
+    x_values = list(dict.fromkeys(_value(p, x_key) for p, *_ in groups))
     lines: dict[str, list[Point]] = {}
     for point, *_ in groups:
         label = ", ".join(f"{k}={override_text(point[k])}" for k in other if k in point)
@@ -202,7 +208,8 @@ def plot(path: str, workdir: str, points: Sequence[Point], rows: Sequence[dict[s
             if point not in members or not values:
                 continue
             mean, std = _mean_std(values)
-            xs.append(point.get(x_key) if numeric else x_values.index(point.get(x_key)))
+            x = _value(point, x_key)
+            xs.append(x if numeric else x_values.index(x))
             ys.append(mean)
             errs.append(std or 0.0)
         if xs:

@@ -19,8 +19,9 @@ from alexnet_jax import compat, keys, records
 from alexnet_jax import config as config_lib
 from alexnet_jax import workdir as wd
 from alexnet_jax.errors import UsageError
+from alexnet_jax.metrics import write_hparams
 from alexnet_jax.sweep.grid import SEED_KEY, Point, override_text, point_name, swept_keys
-from alexnet_jax.sweep.report import report
+from alexnet_jax.sweep.report import report, summarize
 from alexnet_jax.train import train_and_evaluate
 
 
@@ -130,7 +131,7 @@ def run_point(
 ) -> None:
     """Trains one point; `run.json` accumulates its wall time over interrupted sessions."""
     path = wd.path(workdir, wd.RUN)
-    record = {"overrides": point, "wall_s": 0.0, "sessions": 0, "finished": False}
+    record: dict[str, Any] = {"overrides": point, "wall_s": 0.0, "sessions": 0, "finished": False}
     if os.path.exists(path):
         with open(path) as f:
             record |= json.load(f)
@@ -145,6 +146,20 @@ def run_point(
             record["sessions"] += 1
             os.makedirs(workdir, exist_ok=True)
             wd.write_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def log_hparams(workdir: str, point: Point) -> bool:
+    """A finished point's overrides and final metrics as a TensorBoard HParams session in
+    `<point>/tb/hparams` (once: it is not rewritten); True if the session exists now."""
+    directory = wd.path(os.path.join(workdir, point_name(point)), wd.HPARAMS)
+    if os.path.isdir(directory):
+        return True
+    row = summarize(workdir, point)
+    if row is None:
+        return False
+    # The protocol (crops) is the same for every point of a sweep: not a metric to compare.
+    write_hparams(directory, point, {k: v for k, v in row.items() if k not in ("run", "crops")})
+    return True
 
 
 def list_commands(
@@ -240,11 +255,13 @@ def run_sweep(
         name = point_name(points[i])
         if is_finished(dirs[i]):
             print(f"[{i + 1}/{len(points)}] {name}: finished, skipped", flush=True)
-            continue
-        print(f"[{i + 1}/{len(points)}] {name} -> {dirs[i]}", flush=True)
-        run_point(configs[i], dirs[i], points[i], primary=primary)
-        if primary:
-            report(workdir, points, verbose=False)
+        else:
+            print(f"[{i + 1}/{len(points)}] {name} -> {dirs[i]}", flush=True)
+            run_point(configs[i], dirs[i], points[i], primary=primary)
+            if primary:
+                report(workdir, points, verbose=False)
+        if primary:  # a skipped point too, should a stop have come between training and this
+            log_hparams(workdir, points[i])
     if primary:
         report(workdir, points, verbose=True)
     return 0
