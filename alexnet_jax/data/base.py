@@ -31,11 +31,18 @@ MAX_PREDICT_PIXELS = 100_000_000
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of 16-bit grey PNGs
 
 
-def read_rgb(path: str, *, sixteen_bit_only: bool = False) -> np.ndarray | None:
+def read_rgb(path: str) -> np.ndarray:
+    """`read_if_16_bit`, with 8-bit images converted by PIL too."""
+    pixels = read_if_16_bit(path, convert=True)
+    assert pixels is not None
+    return pixels
+
+
+def read_if_16_bit(path: str, *, convert: bool = False) -> np.ndarray | None:
     """An image file as uint8 RGB through PIL, for --mode predict: exit 2 (UsageError) with one
     line for an unreadable file or a decompression bomb (checked from the header, before any
     decoding); 16-bit images are scaled to 0-255, not clipped as `convert('RGB')` does. With
-    `sixteen_bit_only`, None for an 8-bit image (the caller decodes those itself)."""
+    `convert` False, None for an 8-bit image (the caller decodes those itself)."""
     from PIL import Image, UnidentifiedImageError
 
     from alexnet_jax.errors import UsageError
@@ -51,7 +58,7 @@ def read_rgb(path: str, *, sixteen_bit_only: bool = False) -> np.ndarray | None:
             if image.mode in _SIXTEEN_BIT:
                 grey = np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255)
                 return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
-            if sixteen_bit_only:
+            if not convert:
                 return None
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:

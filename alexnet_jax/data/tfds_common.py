@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from alexnet_jax.data import augment
-from alexnet_jax.data.base import Batch, pad_batch, read_rgb
+from alexnet_jax.data.base import Batch, pad_batch, read_if_16_bit
 from alexnet_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def file_preprocessor(config: Any, mean_image: np.ndarray | None) -> Callable[[s
     def preprocess(path: str) -> np.ndarray:
         # PIL checks the size from the header before TF decodes; a 16-bit PNG is scaled by PIL
         # (TF would decode it too, but the eval pipeline's uint8 path is the one to match).
-        pixels = read_rgb(path, sixteen_bit_only=True)
+        pixels = read_if_16_bit(path)
         if pixels is None:
             with open(path, "rb") as f:
                 data = f.read()
