@@ -189,6 +189,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
         "parallel.mode": list(parallel.PLANS),
         "data.mean_mode": list(base.MEAN_MODES),
         "data.pca_scale": list(base.PCA_SCALES),
+        "data.augment_on": list(base.AUGMENT_ON),
         "data.folder_scan": list(base.FOLDER_SCANS),
         "data.on_leakage": list(leakage.ON_LEAKAGE_CHOICES),
         "eval.crops": [1, 10],

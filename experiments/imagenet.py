@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.augment = True
+    # Where the crops, flips, lighting and mean run: 'device' (the host decodes and sends uint8
+    # 256x256, the device step augments with keys folded from seed, step and global slot) or
+    # 'host' (tf.data augments and sends float32 224x224; four times the bytes per example).
+    c.data.augment_on = "device"
     c.data.data_dir = ""  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
     c.data.manual_dir = ""  # holds ILSVRC2012_img_{train,val}.tar; '' = <data_dir>/downloads/manual
     # big_vision's "minival": 1 % of train tunes everything; the official val set is the test set.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,6 +22,8 @@ Predictor = tuple[Preprocess, tuple[str, ...]]
 PCA_SCALES = ("eigval", "sqrt_eigval")  # on [0, 1] pixels (paper as printed) / on 0-255 (cc2)
 MEAN_MODES = ("channel", "pixel", "none")  # mean RGB / the paper's mean image / nothing
 FOLDER_SCANS = ("decode", "none")  # screen out unreadable images at start, or not
+# Where crops, flips, lighting and mean run: in the device step (host sends uint8) or on the host.
+AUGMENT_ON = ("device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,9 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]  # (height, width, channels) of the model input
     num_examples: dict[str, int]  # keys 'train', 'val', 'test'
     class_names: tuple[str, ...] | None = None
+    # data/device_augment.DeviceAugment when the device step augments (the host sends uint8 at
+    # resize_size, with each example's global `slot`); None when batches are the model's input.
+    device_augment: Any = None
 
 
 class Source(Protocol):

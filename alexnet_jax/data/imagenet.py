@@ -208,6 +208,7 @@ class ImageNetSource:
             image_shape=(size, size, 3),
             num_examples={k: self._num_examples(v) for k, v in self._splits.items()},
             class_names=names,
+            device_augment=tfds_common.device_spec(self._cfg),
         )
         self._train_local = self._num_examples(self._train_shard)
 
