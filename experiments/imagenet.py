@@ -97,6 +97,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # prepared_dir ('' = data_dir); use_prepared=False forces the full-size images.
     c.data.prepared_dir = ""
     c.data.use_prepared = True
+    # What `prepare` writes (alexnet_jax/data/prepare.py): the central 256x256 square as 'jpeg'
+    # at prepare_quality (decodes fast, lossy twice) or 'raw' uint8 (exact; ~250 GB for train);
+    # in 'array_record' files (random access: resume reads nothing before its step) or 'tfrecord'.
+    c.data.prepare_storage = "jpeg"
+    c.data.prepare_quality = 90
+    c.data.prepared_file_format = "array_record"
     c.data.shuffle_buffer = 10_000  # encoded images, after the per-epoch shard-file shuffle
     # Training augmentation (paper section 4.1). augment=False gives training the eval centre crop.
     c.data.flip = True

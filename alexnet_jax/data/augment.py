@@ -134,6 +134,7 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int, antialias: bool = True)
     about twice the JPEG decode, so `antialias=False` (plain bilinear, as TF's own ImageNet
     pipelines resize) is there for full-size training. An image already `size` on its shorter
     side (the prepared copy) is not resampled at all, which is most of the copy's speed.
+    uint8 pixels (the raw copy) skip the decode.
     """
 
     def jpeg() -> tf.Tensor:
@@ -147,7 +148,10 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int, antialias: bool = True)
         image.set_shape([None, None, 3])
         return central_square(image)
 
-    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    if image_bytes.dtype == tf.uint8:  # already pixels (the raw prepared copy)
+        image = central_square(image_bytes)
+    else:
+        image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
     def resize() -> tf.Tensor:
         resized = tf.image.resize(image, [size, size], method="bilinear", antialias=antialias)

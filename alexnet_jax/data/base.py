@@ -24,6 +24,8 @@ MEAN_MODES = ("channel", "pixel", "none")  # mean RGB / the paper's mean image /
 FOLDER_SCANS = ("decode", "none")  # screen out unreadable images at start, or not
 # Where crops, flips, lighting and mean run: in the device step (host sends uint8) or on the host.
 AUGMENT_ON = ("device", "host")
+PREPARED_STORAGE = ("jpeg", "raw")  # how the prepared copy stores its 256x256 images
+PREPARED_FILE_FORMATS = ("array_record", "tfrecord")  # random access / sequential only
 
 
 @dataclasses.dataclass(frozen=True)
