@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from alexnet_jax.data import augment, tfds_common
+from alexnet_jax.data import augment, random_access, tfds_common
 from alexnet_jax.data.base import Batch, DatasetInfo, Predictor
 from alexnet_jax.errors import DataNotFoundError, UsageError
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 NAME = "imagenet2012"
 PREPARED_NAME = "imagenet2012_s256"  # the prepared copy's dataset name (prepare.py writes it)
-PREPARED_VERSION = "1.0.0"
+PREPARED_VERSION = "2.0.0"  # 2: central 256x256 square (1: shorter side 256, aspect kept)
 MEAN_IMAGE_FILE = "mean_image.npy"  # written by `prepare --mean_image` next to the copy
 # Written by `prepare` next to the copy: the leakage check's digests, so a run never rehashes.
 HASHES_FILE = "content_hashes.tsv"
@@ -283,14 +283,21 @@ class ImageNetSource:
             ) from None
 
     def _records(self, split, *, read_config, shuffle_files: bool):
-        tf, tfds = self._tf, self._tfds
+        tf = self._tf
         ds = self._builder.as_dataset(
             split=split,
             shuffle_files=shuffle_files,
             read_config=read_config,
-            decoders={"image": tfds.decode.SkipDecoding()},  # decode in augment, after skip
+            decoders=self._decoders(),
         )
         return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+    def _decoders(self) -> dict | None:
+        """Encoded images stay encoded (decoded in augment, after any skip); raw pixels are read
+        as the uint8 arrays they are."""
+        if isinstance(self._builder.info.features["image"], self._tfds.features.Image):
+            return {"image": self._tfds.decode.SkipDecoding()}
+        return None
 
     def _epoch(self, seed: int, epoch: int):
         """Epoch `epoch`'s record order: shard files shuffled, then a shuffle buffer, both seeded
@@ -301,7 +308,20 @@ class ImageNetSource:
         ds = self._records(self._train_shard, read_config=read_config, shuffle_files=True)
         return ds.shuffle(self._shuffle_buffer, seed=s, reshuffle_each_iteration=False)
 
+    def random_access(self) -> bool:
+        """Whether the records can be read by index (ArrayRecord): then a resumed run reads
+        nothing before its step (`random_access.py`)."""
+        fmt = self._builder.info.file_format
+        return fmt is not None and "array_record" in str(getattr(fmt, "value", fmt))
+
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        if self.random_access():
+            records = self._builder.as_data_source(
+                split=self._splits["train"], decoders=self._decoders()
+            )
+            return random_access.train_stream(
+                records, batch_size=batch_size, seed=seed, start_step=start_step, cfg=self._cfg
+            )
         return tfds_common.train_stream(
             lambda epoch: self._epoch(seed, epoch),
             load=lambda image: image,

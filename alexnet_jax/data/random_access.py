@@ -1,0 +1,95 @@
+"""The training stream over a random-access copy (ArrayRecord files, `tfds.data_sources`).
+
+Resume in O(1): the example at global slot j of step s is record `perm_e[(s mod spe) * GB + j]`,
+where perm_e = `base.epoch_permutation(n, seed, e)` over the whole split, e = s // spe, GB the
+global batch and spe = n // GB. So a stream started at step s reads exactly the records of steps
+s, s+1, ... and nothing before (the TFRecord stream of `tfds_common` has to read and skip the
+earlier records of the epoch and refill its shuffle buffer). Each epoch is a full permutation
+(better mixed than a shuffle buffer), and each process takes its slice of every global batch, so
+the order is the same for any number of processes (as the digits source does it).
+
+Reading is a Python generator (array_record's reads are memory-mapped lookups); decoding and the
+host augmentation, when asked for, run in tf.data's parallel maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from alexnet_jax.data import augment, device_augment
+from alexnet_jax.data.base import Batch, epoch_permutation
+from alexnet_jax.data.tfds_common import import_tf, process_index_count
+from alexnet_jax.errors import UsageError
+
+
+def train_stream(
+    source: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    cfg: augment.AugmentConfig,
+) -> Iterator[Batch]:
+    """The infinite training stream from step `start_step` on; `source` is a random-access
+    sequence of `{'image': encoded bytes or uint8 pixels, 'label': int}`."""
+    tf = import_tf()
+    pid, count = process_index_count()
+    n, global_batch = len(source), batch_size * count
+    if n // global_batch < 1:
+        raise UsageError(f"global batch {global_batch} exceeds the {n} training examples")
+    getitems = getattr(source, "__getitems__", None)
+
+    def records():
+        step = start_step
+        perm_epoch, perm = -1, None
+        spe = n // global_batch
+        while True:
+            epoch, within = divmod(step, spe)
+            if epoch != perm_epoch:  # one permutation per epoch: microseconds per 10^6
+                perm_epoch, perm = epoch, epoch_permutation(n, seed, epoch)
+            first = within * global_batch + pid * batch_size
+            idx = perm[first : first + batch_size].tolist()
+            exs = getitems(idx) if getitems else [source[i] for i in idx]
+            for i, ex in enumerate(exs):
+                yield step * batch_size + i, ex["image"], np.int32(ex["label"])
+            step += 1
+
+    image_spec = _image_spec(tf, source)
+    ds = tf.data.Dataset.from_generator(
+        records,
+        output_signature=(
+            tf.TensorSpec([], tf.int64),
+            image_spec,
+            tf.TensorSpec([], tf.int32),
+        ),
+    )
+    base_seed = tf.constant([seed, pid], tf.int64)
+
+    def one(slot, image, label):
+        if cfg.augment_on == "device":
+            return augment.decode_and_resize(image, cfg.resize_size, cfg.resize_antialias), label
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
+        return (*augment.train_parts(image, example_seed, cfg), label)
+
+    ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
+    if cfg.augment_on == "host":
+        ds = ds.map(lambda image, offset, label: (augment.finish(image, offset), label))
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    slots = {}
+    if cfg.augment_on == "device":
+        slots = {"slot": device_augment.global_slots(batch_size, pid)}
+    for image, label in ds.as_numpy_iterator():
+        yield {"image": image, "label": label, **slots}
+
+
+def _image_spec(tf, source):
+    """Encoded bytes (scalar string) or raw pixels (uint8 [H, W, 3]), from the first record."""
+    first = source[0]["image"]
+    if isinstance(first, (bytes, np.bytes_)):
+        return tf.TensorSpec([], tf.string)
+    return tf.TensorSpec(np.shape(first), tf.uint8)
