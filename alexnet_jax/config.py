@@ -177,6 +177,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
     """Each choice field and the registry that holds its allowed values."""
     from alexnet_jax import data, optim, parallel
     from alexnet_jax.data import base, leakage
+    from alexnet_jax.layers import KERNELS
     from alexnet_jax.model import DTYPES, INIT_SCHEMES, PRESETS
 
     return {
@@ -184,6 +185,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
         "model.preset": list(PRESETS),
         "model.init": list(INIT_SCHEMES),
         "model.dtype": list(DTYPES),
+        "model.kernels": list(KERNELS),
         "optim.update_rule": list(optim.UPDATE_RULES),
         "optim.schedule": list(optim.SCHEDULES),
         "parallel.mode": list(parallel.PLANS),

@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pool_to_6x6 = False  # torchvision: adaptive 6x6 average pool before fc6
     c.model.init = "paper"  # 'paper' | 'cc2' | 'caffe' | 'he'
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    # 'cpu': split grouped convs + the pooled-grid max-pool gradient (fast on XLA:CPU);
+    # 'portable': XLA's native feature_group_count and select_and_scatter; 'auto': by platform.
+    c.model.kernels = "auto"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.update_rule = "paper"  # v <- m v - wd lr w - lr g; w <- w + v. 'optax_sgd': lr outside
