@@ -35,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexnet_jax.data import augment, imagenet, prepare, tfds_common
+from alexnet_jax.data import augment, imagenet, prepare, random_access, tfds_common
 from experiments.imagenet import get_config
 
 
@@ -262,8 +262,10 @@ def _tfds_lines(name: str) -> list[str]:
 def _copy_images(path: Path) -> list[bytes]:
     import tensorflow_datasets as tfds
 
-    ds = tfds.builder_from_directory(str(path)).as_dataset(
-        split="train", decoders={"image": tfds.decode.SkipDecoding()}
+    ds = random_access.as_dataset(
+        tfds.builder_from_directory(str(path)),
+        "train",
+        decoders={"image": tfds.decode.SkipDecoding()},
     )
     return [bytes(ex["image"]) for ex in tfds.as_numpy(ds)]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax.data import prepare, tfds_common
+from alexnet_jax.data import augment, prepare, random_access, tfds_common
 from alexnet_jax.data.imagenet import ImageNetSource
 from alexnet_jax.errors import DataNotFoundError
 from experiments.imagenet import get_config
@@ -192,14 +192,24 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
     out, path = prepared
     copy = tfds.builder_from_directory(str(path))
     original = tfds.builder("imagenet2012", data_dir=c.data.data_dir)
+    assert random_access.is_random_access(copy)  # ArrayRecord: read by index
     for split in ("train", "validation"):
         names = [
-            [ex["file_name"] for ex in tfds.as_numpy(b.as_dataset(split=split))]
+            [ex["file_name"] for ex in tfds.as_numpy(random_access.as_dataset(b, split))]
             for b in (original, copy)
         ]
         assert names[0] == names[1]  # so split strings like train[:80%] name the same images
-    for ex in tfds.as_numpy(copy.as_dataset(split="validation")):
-        assert min(ex["image"].shape[:2]) == 256
+    # The paper's central 256x256 square, as decode_and_resize makes it from the original.
+    originals = {
+        ex["file_name"]: ex["image"]
+        for ex in tfds.as_numpy(
+            original.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
+        )
+    }
+    for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
+        assert ex["image"].shape == (256, 256, 3)
+        square = augment.decode_and_resize(tf.constant(originals[ex["file_name"]]), 256).numpy()
+        assert np.abs(ex["image"].astype(float) - square).mean() < 3  # JPEG q90 round trip
     with caplog.at_level(logging.INFO):
         source = ImageNetSource(config(c.data.data_dir, c.data.manual_dir, prepared_dir=str(out)))
     assert "prepared copy" in caplog.text

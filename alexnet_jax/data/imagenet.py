@@ -267,9 +267,7 @@ class ImageNetSource:
         return stored
 
     def _file_name(self, split: str) -> str:
-        ds = self._builder.as_dataset(
-            split=split, decoders={"image": self._tfds.decode.SkipDecoding()}
-        )
+        ds = random_access.as_dataset(self._builder, split, decoders=self._decoders())
         return next(iter(ds.as_numpy_iterator()))["file_name"].decode()
 
     def _num_examples(self, split) -> int:
@@ -284,12 +282,15 @@ class ImageNetSource:
 
     def _records(self, split, *, read_config, shuffle_files: bool):
         tf = self._tf
-        ds = self._builder.as_dataset(
-            split=split,
-            shuffle_files=shuffle_files,
-            read_config=read_config,
-            decoders=self._decoders(),
-        )
+        if random_access.is_random_access(self._builder):  # in record order
+            ds = random_access.as_dataset(self._builder, split, decoders=self._decoders())
+        else:
+            ds = self._builder.as_dataset(
+                split=split,
+                shuffle_files=shuffle_files,
+                read_config=read_config,
+                decoders=self._decoders(),
+            )
         return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
     def _decoders(self) -> dict | None:
@@ -308,14 +309,8 @@ class ImageNetSource:
         ds = self._records(self._train_shard, read_config=read_config, shuffle_files=True)
         return ds.shuffle(self._shuffle_buffer, seed=s, reshuffle_each_iteration=False)
 
-    def random_access(self) -> bool:
-        """Whether the records can be read by index (ArrayRecord): then a resumed run reads
-        nothing before its step (`random_access.py`)."""
-        fmt = self._builder.info.file_format
-        return fmt is not None and "array_record" in str(getattr(fmt, "value", fmt))
-
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
-        if self.random_access():
+        if random_access.is_random_access(self._builder):
             records = self._builder.as_data_source(
                 split=self._splits["train"], decoders=self._decoders()
             )

@@ -39,7 +39,7 @@ from typing import ClassVar
 import ml_collections
 import numpy as np
 
-from alexnet_jax.data import augment, folder, imagenet, leakage, tfds_common
+from alexnet_jax.data import augment, folder, imagenet, leakage, random_access, tfds_common
 from alexnet_jax.data.base import PREPARED_FILE_FORMATS, PREPARED_STORAGE
 
 log = logging.getLogger(__name__)
@@ -248,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             import tensorflow_datasets as tfds
 
             builder = tfds.builder_from_directory(str(path))
-            records = builder.as_dataset(
-                split=args.mean_split, decoders={"image": tfds.decode.SkipDecoding()}
-            ).map(lambda ex: ex["image"])
+            decoders = None
+            if isinstance(builder.info.features["image"], tfds.features.Image):
+                decoders = {"image": tfds.decode.SkipDecoding()}
+            records = random_access.as_dataset(builder, args.mean_split, decoders=decoders)
+            records = records.map(lambda ex: ex["image"])
             mean = mean_image(records, args.resize_size, args.mean_examples)
             target = path.parent / imagenet.MEAN_IMAGE_FILE
             np.save(target, mean)

@@ -87,6 +87,46 @@ def train_stream(
         yield {"image": image, "label": label, **slots}
 
 
+def is_random_access(builder) -> bool:
+    """Whether `builder`'s records are ArrayRecord files, read by index."""
+    fmt = builder.info.file_format
+    return fmt is not None and "array_record" in str(getattr(fmt, "value", fmt))
+
+
+def as_dataset(builder, split: str, *, decoders: Any = None):
+    """A tf.data dataset of `split`'s examples (dicts) in record order, for any file format.
+
+    TFDS's `as_dataset` does not read ArrayRecord files; for those, a generator walks the data
+    source in index order (the order `as_dataset` gives for TFRecord files unshuffled).
+    """
+    tf = import_tf()
+    import tensorflow_datasets as tfds
+
+    if not is_random_access(builder):
+        read_config = tfds.ReadConfig(try_autocache=False)
+        return builder.as_dataset(
+            split=split, shuffle_files=False, decoders=decoders, read_config=read_config
+        )
+    source = builder.as_data_source(split=split, decoders=decoders)
+    if len(source) == 0:
+        raise UsageError(f"split {split!r} of {builder.name} is empty")
+    first = source[0]
+    signature = {k: _spec(tf, v) for k, v in first.items()}
+
+    def examples():
+        for i in range(len(source)):
+            yield source[i]
+
+    return tf.data.Dataset.from_generator(examples, output_signature=signature)
+
+
+def _spec(tf, value):
+    if isinstance(value, (bytes, np.bytes_, str)):
+        return tf.TensorSpec([], tf.string)
+    array = np.asarray(value)
+    return tf.TensorSpec(array.shape, tf.as_dtype(array.dtype))
+
+
 def _image_spec(tf, source):
     """Encoded bytes (scalar string) or raw pixels (uint8 [H, W, 3]), from the first record."""
     first = source[0]["image"]
