@@ -106,9 +106,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="report the best round")
     parser.add_argument("--json", default="", help="append one JSON line per case here")
+    parser.add_argument("--write_only", default="", help="only write an ArrayRecord copy here")
     args = parser.parse_args()
     tfds_common.import_tf()
     photos = jpegs(args.images)
+    if args.write_only:  # a prepared copy for a real training run (scripts/gpu_check.sh)
+        write_copy(Path(args.write_only), photos, "array_record")
+        return
     steps_per_epoch = args.images // args.batch
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -134,12 +134,10 @@ def hash_records(builder, split: str) -> list[tuple[str, str]]:
     tf = tfds_common.import_tf()
     import tensorflow_datasets as tfds
 
-    ds = builder.as_dataset(
-        split=split,
-        shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False),
-    )
+    decoders = None  # a raw copy's pixels are hashed as stored
+    if isinstance(builder.info.features["image"], tfds.features.Image):
+        decoders = {"image": tfds.decode.SkipDecoding()}
+    ds = random_access.as_dataset(builder, split, decoders=decoders)
     ds = ds.map(lambda ex: (ex["file_name"], ex["image"])).prefetch(tf.data.AUTOTUNE)
     return [(name.decode(), digest(image)) for name, image in ds.as_numpy_iterator()]
 
