@@ -199,7 +199,9 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
             for b in (original, copy)
         ]
         assert names[0] == names[1]  # so split strings like train[:80%] name the same images
-    # The paper's central 256x256 square, as decode_and_resize makes it from the original.
+    # The central square at data.resize_size (256 in the recipe, 32 here), as decode_and_resize
+    # makes it from the original.
+    side = c.data.resize_size
     originals = {
         ex["file_name"]: ex["image"]
         for ex in tfds.as_numpy(
@@ -207,8 +209,8 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
         )
     }
     for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
-        assert ex["image"].shape == (256, 256, 3)
-        square = augment.decode_and_resize(tf.constant(originals[ex["file_name"]]), 256).numpy()
+        assert ex["image"].shape == (side, side, 3)
+        square = augment.decode_and_resize(tf.constant(originals[ex["file_name"]]), side).numpy()
         assert np.abs(ex["image"].astype(float) - square).mean() < 3  # JPEG q90 round trip
     with caplog.at_level(logging.INFO):
         source = ImageNetSource(config(c.data.data_dir, c.data.manual_dir, prepared_dir=str(out)))

@@ -309,11 +309,16 @@ class ImageNetSource:
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
         if random_access.is_random_access(self._builder):
-            records = self._builder.as_data_source(
-                split=self._splits["train"], decoders=self._decoders()
+            records, parse = random_access.raw_source_and_parser(
+                self._builder, self._splits["train"], self._decoders()
             )
             return random_access.train_stream(
-                records, batch_size=batch_size, seed=seed, start_step=start_step, cfg=self._cfg
+                records,
+                parse=parse,
+                batch_size=batch_size,
+                seed=seed,
+                start_step=start_step,
+                cfg=self._cfg,
             )
         return tfds_common.train_stream(
             lambda epoch: self._epoch(seed, epoch),

@@ -28,47 +28,46 @@ from alexnet_jax.errors import UsageError
 def train_stream(
     source: Any,
     *,
+    parse: Any,
     batch_size: int,
     seed: int,
     start_step: int,
     cfg: augment.AugmentConfig,
 ) -> Iterator[Batch]:
-    """The infinite training stream from step `start_step` on; `source` is a random-access
-    sequence of `{'image': encoded bytes or uint8 pixels, 'label': int}`."""
+    """The infinite training stream from step `start_step` on.
+
+    `source` is a random-access sequence of serialized examples (a TFDS data source read with
+    `DeserializeMethod.RAW_BYTES`) and `parse` turns one into `(image, label)` inside tf.data
+    (encoded bytes or uint8 pixels). Python only looks records up, one batch per call; parsing
+    and decoding run in tf.data's parallel map, off the GIL.
+    """
     tf = import_tf()
     pid, count = process_index_count()
     n, global_batch = len(source), batch_size * count
     if n // global_batch < 1:
         raise UsageError(f"global batch {global_batch} exceeds the {n} training examples")
     getitems = getattr(source, "__getitems__", None)
+    spe = n // global_batch
 
     def records():
-        step = start_step
-        perm_epoch, perm = -1, None
-        spe = n // global_batch
+        step, perm_epoch, perm = start_step, -1, None
         while True:
             epoch, within = divmod(step, spe)
-            if epoch != perm_epoch:  # one permutation per epoch: microseconds per 10^6
+            if epoch != perm_epoch:  # one permutation per epoch: milliseconds for 10^6
                 perm_epoch, perm = epoch, epoch_permutation(n, seed, epoch)
             first = within * global_batch + pid * batch_size
             idx = perm[first : first + batch_size].tolist()
             exs = getitems(idx) if getitems else [source[i] for i in idx]
-            for i, ex in enumerate(exs):
-                yield step * batch_size + i, ex["image"], np.int32(ex["label"])
+            slots = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+            yield slots, np.array(exs, dtype=object)
             step += 1
 
-    image_spec = _image_spec(tf, source)
-    ds = tf.data.Dataset.from_generator(
-        records,
-        output_signature=(
-            tf.TensorSpec([], tf.int64),
-            image_spec,
-            tf.TensorSpec([], tf.int32),
-        ),
-    )
+    signature = (tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([batch_size], tf.string))
+    ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
     base_seed = tf.constant([seed, pid], tf.int64)
 
-    def one(slot, image, label):
+    def one(slot, serialized):
+        image, label = parse(serialized)
         if cfg.augment_on == "device":
             return augment.decode_and_resize(image, cfg.resize_size, cfg.resize_antialias), label
         example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
@@ -85,6 +84,23 @@ def train_stream(
         slots = {"slot": device_augment.global_slots(batch_size, pid)}
     for image, label in ds.as_numpy_iterator():
         yield {"image": image, "label": label, **slots}
+
+
+def raw_source_and_parser(builder, split: str, decoders: Any):
+    """(the split's serialized examples by index, serialized -> (image, label) in TF ops)."""
+    tf = import_tf()
+    import tensorflow_datasets as tfds
+
+    source = builder.as_data_source(
+        split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
+    features = builder.info.features
+
+    def parse(serialized):
+        ex = features.deserialize_example(serialized, decoders=decoders)
+        return ex["image"], tf.cast(ex["label"], tf.int32)
+
+    return source, parse
 
 
 def is_random_access(builder) -> bool:
@@ -125,11 +141,3 @@ def _spec(tf, value):
         return tf.TensorSpec([], tf.string)
     array = np.asarray(value)
     return tf.TensorSpec(array.shape, tf.as_dtype(array.dtype))
-
-
-def _image_spec(tf, source):
-    """Encoded bytes (scalar string) or raw pixels (uint8 [H, W, 3]), from the first record."""
-    first = source[0]["image"]
-    if isinstance(first, (bytes, np.bytes_)):
-        return tf.TensorSpec([], tf.string)
-    return tf.TensorSpec(np.shape(first), tf.uint8)
