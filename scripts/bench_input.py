@@ -1,15 +1,23 @@
-"""Input-pipeline throughput, images/s on one CPU core: full-size JPEGs vs the 256 px copy vs PIL.
+"""Input-pipeline throughput, images/s on one CPU core: the training path vs full-size vs PIL.
 
-    python scripts/bench_input.py [--images 512] [--batch 32] [--cores 1]
+    python scripts/bench_input.py [--images 512] [--batch 16] [--cores 1] [--rounds 2] [--json P]
 
 There is no ImageNet here, so the script makes its own: `--images` synthetic photographs
 (500x375 by default, about ImageNet's average, smooth colour fields plus texture, JPEG quality 90),
-written as ILSVRC-2012 tars. Then, the same way a real run does:
-1. the real TFDS `imagenet2012` builder prepares them and `ImageNetSource` streams training batches
-   (TFDS records -> seeded shuffle -> decode, rescale, random crop, flip, lighting, mean -> batch);
-2. `alexnet_jax.data.prepare` writes the 256 px copy and `ImageNetSource` streams it;
-3. a PIL/torchvision-style baseline does the same operations per image in Python: PIL decode,
-   shorter side to 256, central crop, random 224 crop, flip, lighting and mean in numpy.
+written as ILSVRC-2012 tars. Then, the same way a real run does, one pipeline per row:
+- `train`: the default training path: `alexnet_jax.data.prepare` writes the 256x256 copy (JPEG q90,
+  ArrayRecord) and `ImageNetSource` streams it: records by index, decode, uint8 256x256 batches
+  (the device step augments; `data.augment_on='device'`);
+- `copy_host_augment`: the same copy, augmented on the host (`data.augment_on='host'`: random crop,
+  flip, lighting, mean in tf.data; float32 224x224 batches);
+- `full_jpeg`, `full_jpeg_host_augment`, `full_jpeg_no_antialias`: the full-size TFDS records
+  (decode, antialiased rescale to 256, crop; host or device augmentation; plain bilinear);
+- `pil_copy`, `pil_full`: a PIL/torchvision-style baseline doing the same per-image work in Python
+  (PIL decode, shorter side to 256, central crop, random 224 crop, flip, lighting and mean in
+  numpy) on the same copy / the full-size JPEGs.
+`--json PATH` writes one JSON object per line per pipeline with `pipeline`,
+`images_per_sec_per_core` and `bytes_per_example` (the image bytes the host hands the device per
+example; `bytes_per_example_all` adds the label and slot).
 The timed part runs with every thread pinned to `--cores` cores (default 1), so the numbers read
 as images/s per core; the preparation before it uses every core. One pipeline runs at a time, and
 each row is the best of `--rounds` rounds, since other load on a shared machine only slows a round
