@@ -148,7 +148,8 @@ def pil_baseline(
             array = np.asarray(image, np.float32)
             array = array + eigvec @ (rng.normal(0, cfg.pca_std, 3) * sigmas) - mean
     # What it would hand a device: the float32 crop per example.
-    return count / clock.wall, clock.cpu / clock.wall, float(array.nbytes), array.nbytes + 4.0
+    nbytes = float(array.astype(np.float32).nbytes)
+    return count / clock.wall, clock.cpu / clock.wall, nbytes, nbytes + 4.0
 
 
 def main() -> None:
@@ -181,6 +182,10 @@ def main() -> None:
         c.data.augment_on = "host"
         copy_host = imagenet.ImageNetSource(c)
         c.data.augment_on = "device"
+        c.data.prepare_storage, c.data.prepared_dir = "raw", str(tmp / "raw")
+        prepare.prepare_copy(c.data, str(tmp / "raw"))
+        copy_raw = imagenet.ImageNetSource(c)  # the raw uint8 copy: no decode at all
+        c.data.prepare_storage = "jpeg"
         c.data.prepared_dir, c.data.use_prepared = "", False
         full = imagenet.ImageNetSource(c)
         c.data.augment_on = "host"
@@ -201,6 +206,7 @@ def main() -> None:
         # name -> (what it is, source); `train` is what a default run reads.
         sources = {
             "train": ("prepared copy, ArrayRecord, decode on host, augment on device", copy),
+            "train_raw": ("raw uint8 copy (prepare --storage raw), augment on device", copy_raw),
             "copy_host_augment": ("prepared copy, augment on host (augment_on=host)", copy_host),
             "full_jpeg": ("full-size JPEG (TFDS records), augment on device", full),
             "full_jpeg_host_augment": ("full-size JPEG, augment on host", full_host),
