@@ -49,6 +49,11 @@ TRAINING_ONLY = (
     "parallel.",
 )
 
+# Fields added since runs were started whose default is not the old behaviour: a record without
+# them is compared as if it held the old value (so resuming an old host-augmented run under the
+# new device default is refused with the difference, not silently continued on other crops).
+OLD_DEFAULTS: dict[str, Any] = {"data.augment_on": "host"}
+
 POLICIES: dict[str, tuple[str, ...]] = {
     # A resumed run continues bit-exactly only under the same recipe.
     "resume": LOGGING + LOCATION + LENGTH,
@@ -58,7 +63,7 @@ POLICIES: dict[str, tuple[str, ...]] = {
     # The eval, test, predict and filters modes: the model and every data field that decides
     # which examples a split holds or how they are preprocessed must be the training run's
     # (an eval on other splits would score training images as validation ones).
-    "evaluate": LOGGING + LOCATION + LENGTH + TRAINING_ONLY + ("eval.",),
+    "evaluate": LOGGING + LOCATION + LENGTH + TRAINING_ONLY + ("eval.", "data.augment_on"),
 }
 
 
@@ -73,6 +78,8 @@ def differences(saved: Any, config: Any, policy: str) -> list[str]:
     """'key: old -> new' for every difference that `policy` does not allow."""
     allowed = POLICIES[policy]
     old, new = keys.flatten(as_tree(saved)), keys.flatten(as_tree(config))
+    if old:  # a real record (not an empty one): fill in the fields it predates
+        old = {k: v for k, v in OLD_DEFAULTS.items() if k in new} | old
     return [
         f"{key}: {old[key]!r} -> {new[key]!r}"
         for key in sorted(old.keys() & new.keys())

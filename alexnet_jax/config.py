@@ -196,6 +196,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
     """Each choice field and the registry that holds its allowed values."""
     from alexnet_jax import data, optim, parallel
     from alexnet_jax.data import base, leakage
+    from alexnet_jax.layers import KERNELS
     from alexnet_jax.model import DTYPES, INIT_SCHEMES, PRESETS
 
     return {
@@ -203,11 +204,15 @@ def choice_registries() -> dict[str, Sequence[Any]]:
         "model.preset": list(PRESETS),
         "model.init": list(INIT_SCHEMES),
         "model.dtype": list(DTYPES),
+        "model.kernels": list(KERNELS),
         "optim.update_rule": list(optim.UPDATE_RULES),
         "optim.schedule": list(optim.SCHEDULES),
         "parallel.mode": list(parallel.PLANS),
         "data.mean_mode": list(base.MEAN_MODES),
         "data.pca_scale": list(base.PCA_SCALES),
+        "data.augment_on": list(base.AUGMENT_ON),
+        "data.prepare_storage": list(base.PREPARED_STORAGE),
+        "data.prepared_file_format": list(base.PREPARED_FILE_FORMATS),
         "data.folder_scan": list(base.FOLDER_SCANS),
         "data.on_leakage": list(leakage.ON_LEAKAGE_CHOICES),
         "eval.crops": [1, 10],
@@ -255,6 +260,9 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
             f"data.resize_size={d.resize_size} is smaller than data.image_size={d.image_size}: "
             "the crops are cut from the resized image"
         )
+    quality = d.get("prepare_quality", 90)
+    if not 1 <= quality <= 100:
+        raise UsageError(f"data.prepare_quality must be in [1, 100]; got {quality}")
     fractions = {k: d[k] for k in ("val_fraction", "test_fraction") if k in d}
     for key, value in fractions.items():
         if not 0.0 <= value < 1.0:

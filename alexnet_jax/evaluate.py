@@ -20,6 +20,7 @@ import ml_collections
 
 from alexnet_jax import checkpoint, compat, records, steps, workdir
 from alexnet_jax.data import make_source
+from alexnet_jax.data.device_augment import make_preprocess
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import MetricWriter
 from alexnet_jax.model import from_config
@@ -101,7 +102,8 @@ def score(
     return_confusion: bool = False,
 ) -> Any:
     """`steps.evaluate` (padded, masked, exact) with the eval step alone."""
-    run = steps.eval_steps(from_config(config.model))
+    device = make_preprocess(source.info.device_augment, config.seed, config.eval.crops)
+    run = steps.eval_steps(from_config(config.model), "data", device)
     placed = run.plan.put_state(params)
     try:
         return steps.evaluate(run, placed, source, split, config, return_confusion=return_confusion)

@@ -119,6 +119,25 @@ def _max_pool_bwd(window: int, stride: int, residuals: tuple[Array, Array], g: A
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
+# model.kernels: 'cpu' = the formulations above (split groups, the pooled-grid max-pool gradient),
+# fastest on XLA:CPU; 'portable' = XLA's native forms (feature_group_count, select_and_scatter),
+# which GPU and TPU backends lower to their own kernels; 'auto' picks by the default backend.
+KERNELS = ("auto", "portable", "cpu")
+
+
+def resolve_kernels(choice: str) -> str:
+    """'cpu' or 'portable' for `model.kernels` (auto: 'cpu' on a CPU backend, else 'portable')."""
+    if choice == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "portable"
+    return choice
+
+
+def max_pool_portable(x: Array, window: int, stride: int) -> Array:
+    """`max_pool` with the gradient autodiff gives `reduce_window` (select_and_scatter)."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
+    )
+
 
 class GroupedConv(nn.Module):
     """A convolution whose input and output channels are split into `groups` columns.
@@ -136,6 +155,7 @@ class GroupedConv(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
     dtype: Any = jnp.float32
+    split: bool = True  # False: one `feature_group_count` convolution (model.kernels='portable')
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -152,6 +172,16 @@ class GroupedConv(nn.Module):
         kernel = kernel.astype(self.dtype)
         pad = [(self.padding, self.padding)] * 2
         dims = ("NHWC", "HWIO", "NHWC")
+        if not self.split or self.groups == 1:
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                (self.strides, self.strides),
+                pad,
+                dimension_numbers=dims,
+                feature_group_count=self.groups,
+            )
+            return y + bias.astype(self.dtype)
         outs = [
             lax.conv_general_dilated(
                 xg, kg, (self.strides, self.strides), pad, dimension_numbers=dims

@@ -170,6 +170,9 @@ class Progress:
     def update(self, step: int, **postfix: float) -> None:
         if self._bar is None:
             return
+        wait = postfix.pop("input_wait", None)
+        if wait is not None:  # a visible mark when the input, not the devices, sets the pace
+            self._bar.set_description("INPUT-BOUND" if wait > INPUT_BOUND else "", refresh=False)
         if postfix:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
         self._bar.update(step - self._bar.n)  # redraws at most every `mininterval` seconds
@@ -183,6 +186,46 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+INPUT_BOUND = 0.10  # waits above this fraction of wall time mark the progress bar and summary
+
+
+class InputWait:
+    """Time the step loop spends waiting for its next batch, per logging interval.
+
+    Wraps the loop's batch iterator: the time inside `next()` is time the devices had no new
+    step queued because the input was late (the host pipeline, the copy to the devices).
+    `take()` returns (fraction of wall time waited, images/s the input delivered over the time
+    it was waited for: the host's rate when input-bound, an upper bound on what it delivered
+    otherwise) since the previous call, and starts a new interval.
+    """
+
+    def __init__(self, batches, global_batch: int):
+        self._it = iter(batches)
+        self._batch = global_batch
+        self._waited = 0.0
+        self._count = 0
+        self._t0 = time.perf_counter()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self._waited += time.perf_counter() - t
+            self._count += 1
+
+    def take(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        wall = max(now - self._t0, 1e-9)
+        fraction = min(self._waited / wall, 1.0)
+        rate = self._count * self._batch / max(self._waited, 1e-9)
+        self._waited, self._count, self._t0 = 0.0, 0, now
+        return fraction, rate
 
 
 class Throughput:

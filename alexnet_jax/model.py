@@ -19,7 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alexnet_jax.layers import GroupedConv, Initializer, adaptive_avg_pool, local_response_norm
+from alexnet_jax.layers import (
+    GroupedConv,
+    Initializer,
+    adaptive_avg_pool,
+    local_response_norm,
+    max_pool_portable,
+    resolve_kernels,
+)
 from alexnet_jax.layers import max_pool as _max_pool
 
 Array = jax.Array
@@ -89,6 +96,7 @@ class AlexNet(nn.Module):
     pool_to_6x6: bool = False  # torchvision: adaptive average pool to 6x6 before fc6
     init_scheme: str = "paper"  # config key model.init; `init` would shadow Module.init
     dtype: Any = jnp.float32
+    kernels: str = "cpu"  # resolved model.kernels: 'cpu' or 'portable' (layers.KERNELS)
 
     def _lrn(self, x: Array) -> Array:
         if not self.use_lrn:
@@ -105,7 +113,16 @@ class AlexNet(nn.Module):
     def _conv(self, name: str, features: int, kernel: int, stride: int, pad: int, groups: int):
         kinit, binit = INIT_SCHEMES[self.init_scheme](name)
         return GroupedConv(
-            features, kernel, stride, pad, groups, kinit, binit, self.dtype, name=name
+            features,
+            kernel,
+            stride,
+            pad,
+            groups,
+            kinit,
+            binit,
+            self.dtype,
+            split=self.kernels == "cpu",
+            name=name,
         )
 
     def _dense(self, name: str, features: int) -> nn.Dense:
@@ -121,7 +138,7 @@ class AlexNet(nn.Module):
         g = self.groups
 
         def pool(y: Array) -> Array:  # overlapping pooling, z=3, s=2 (section 3.4)
-            return _max_pool(y, 3, 2)
+            return (_max_pool if self.kernels == "cpu" else max_pool_portable)(y, 3, 2)
 
         x = self._conv("conv1", c1, 11, 4, self.conv1_padding, 1)(x)
         x = nn.relu(self._lrn(x)) if self.lrn_before_relu else self._lrn(nn.relu(x))
@@ -211,6 +228,7 @@ def from_config(model_config: ml_collections.ConfigDict) -> AlexNet:
     fields = {name: model_config[name] for name in CONFIG_FIELDS if name in model_config}
     fields["conv_features"] = tuple(fields.get("conv_features", AlexNet.conv_features))
     fields["init_scheme"] = model_config.get("init", "paper")
+    fields["kernels"] = resolve_kernels(model_config.get("kernels", "auto"))
     return AlexNet(**fields, dtype=jnp.dtype(model_config.get("dtype", "float32")))
 
 

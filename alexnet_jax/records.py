@@ -21,7 +21,7 @@ import ml_collections
 from alexnet_jax import classification, keys, workdir
 from alexnet_jax.data import DATASETS
 from alexnet_jax.errors import UsageError
-from alexnet_jax.metrics import MetricWriter
+from alexnet_jax.metrics import INPUT_BOUND, MetricWriter
 
 RESULT_KEYS = ("loss", "top1_error", "top5_error", *classification.SCALARS)
 
@@ -240,6 +240,11 @@ def summary_markdown(
         if m.get("split") == "train" and isinstance(m.get("images_per_sec"), float)
     ]
     rate = f"{statistics.median(rates):,.0f} (median of the logged intervals)" if rates else "n/a"
+    waits = [
+        m["input_wait_fraction"]
+        for m in workdir.read_metrics(path)
+        if m.get("split") == "train" and isinstance(m.get("input_wait_fraction"), float)
+    ]
     run = f"{last_step}" + (f" (this run: {first_step} -> {last_step})" if first_step else "")
     rows = [
         ("best validation error", _score(best, best["step"]) if best else "n/a (no val line)"),
@@ -248,10 +253,20 @@ def summary_markdown(
         ("steps", run),
         ("wall time", f"{wall_s:.1f} s"),
         ("images/s", rate),
+        ("input", _input_bound(waits)),
     ]
     lines = [f"# {os.path.basename(os.path.abspath(path))}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
+
+
+def _input_bound(waits: list[float]) -> str:
+    """Whether the step loop waited for its input more than `INPUT_BOUND` of the time."""
+    if not waits:
+        return "n/a (no input_wait_fraction logged)"
+    wait = statistics.median(waits)
+    verdict = "input-bound" if wait > INPUT_BOUND else "not input-bound"
+    return f"{verdict}: waited for input {100 * wait:.1f} % of the time (median of the intervals)"
 
 
 def write_summary(

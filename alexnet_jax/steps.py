@@ -26,6 +26,12 @@ from jax import lax
 
 from alexnet_jax import classification, optim
 from alexnet_jax.data import DatasetInfo, Source
+from alexnet_jax.data.device_augment import (
+    EvalPreprocess,
+    Preprocess,
+    TrainPreprocess,
+    make_preprocess,
+)
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import cross_entropy, top_k_error
 from alexnet_jax.model import AlexNet, from_config
@@ -67,8 +73,15 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     axis_name: str,
+    preprocess: TrainPreprocess | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One SGD step on this device's part of the global batch; gradients are `pmean`ed."""
+    """One SGD step on this device's part of the global batch; gradients are `pmean`ed.
+
+    `preprocess` (data/device_augment.py) turns the host batch (uint8 images and their global
+    slots) into the model's input first, keyed by the step: augmentation is part of the step.
+    """
+    if preprocess is not None:
+        batch = preprocess(batch, state.step)
     chex.assert_rank(batch["image"], 4)
     chex.assert_shape(batch["label"], (batch["image"].shape[0],))
     key = dropout_key(rng, state.step, axis_name)
@@ -101,7 +114,12 @@ def train_step(
 
 
 def eval_step(
-    params: Any, batch: dict[str, Array], *, model: AlexNet, axis_name: str
+    params: Any,
+    batch: dict[str, Array],
+    *,
+    model: AlexNet,
+    axis_name: str,
+    preprocess: EvalPreprocess | None = None,
 ) -> dict[str, Array]:
     """Sums of loss and errors over the unmasked examples of the global batch.
 
@@ -109,8 +127,10 @@ def eval_step(
     crops, as the paper's 10-patch evaluation does (section 4.1). The average is taken in log
     space (log-mean-exp of the log-softmax) and the classes are ranked there: float32
     probabilities of a confident or diverged model underflow to 0, and tied zeros would count
-    as top-5 hits.
+    as top-5 hits. `preprocess` cuts the views on the device (see `train_step`).
     """
+    if preprocess is not None:
+        batch = preprocess(batch)
     images = batch["image"]
     chex.assert_rank(batch["label"], 1)
     chex.assert_equal_shape([batch["label"], batch["mask"]])
@@ -161,21 +181,30 @@ def make_steps(
     plan: Plan,
     tx: optax.GradientTransformation | None = None,
     schedule: optax.Schedule | None = None,
+    preprocess: Preprocess | None = None,
 ) -> Steps:
-    """The steps wrapped for `plan`; without an optimiser, only the eval step."""
+    """The steps wrapped for `plan`; without an optimiser, only the eval step. `preprocess`
+    (device augmentation) runs inside both, so it composes with any wrapper."""
     axis = plan.axis_name
     train = None
+    p_train = p_eval = None
+    if preprocess is not None:
+        p_train, p_eval = preprocess.train, preprocess.eval
     if tx is not None:
-        train = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name=axis)
-    evaluate_ = functools.partial(eval_step, model=model, axis_name=axis)
+        train = functools.partial(
+            train_step, model=model, tx=tx, schedule=schedule, axis_name=axis, preprocess=p_train
+        )
+    evaluate_ = functools.partial(eval_step, model=model, axis_name=axis, preprocess=p_eval)
     wrapped_train, wrapped_eval = WRAPPERS[plan.mode](plan, train, evaluate_)
     return Steps(plan=plan, eval=wrapped_eval, train=wrapped_train)
 
 
 @functools.cache
-def eval_steps(model: AlexNet, mode: str = "data") -> Steps:
-    """The eval step alone, for the evaluation modes (compiled once per model and mode)."""
-    return make_steps(model, make_plan(ml_collections.ConfigDict({"mode": mode})))
+def eval_steps(model: AlexNet, mode: str = "data", preprocess: Preprocess | None = None) -> Steps:
+    """The eval step alone, for the evaluation modes (compiled once per model, mode and
+    device preprocessing)."""
+    plan = make_plan(ml_collections.ConfigDict({"mode": mode}))
+    return make_steps(model, plan, preprocess=preprocess)
 
 
 def create_state(
@@ -261,4 +290,5 @@ def build(
     )
     state, tx = create_state(config, model, info.image_shape)
     plan = make_plan(config.get("parallel"))
-    return state, make_steps(model, plan, tx, schedule), steps_per_epoch, total_steps
+    preprocess = make_preprocess(info.device_augment, config.seed, config.eval.crops)
+    return state, make_steps(model, plan, tx, schedule, preprocess), steps_per_epoch, total_steps

@@ -19,6 +19,7 @@ from alexnet_jax import checkpoint, optim, records, workdir
 from alexnet_jax.data import leakage, make_source
 from alexnet_jax.errors import NonFiniteError, Preempted, UsageError
 from alexnet_jax.metrics import (
+    InputWait,
     MetricWriter,
     Progress,
     Throughput,
@@ -155,14 +156,16 @@ class _Loop:
         per_process = plan.per_process_batch(config.batch_size)
         batches = self.source.train_batches(per_process, seed=config.seed, start_step=start)
         step = start
+        self.input = InputWait(plan.prefetch(batches), config.batch_size)
         with checkpoint.sigterm_requested() as sigterm, self.trace:
-            for batch in _take(plan.prefetch(batches), self.total_steps - start):
+            for batch in _take(self.input, self.total_steps - start):
                 pstate, metrics = self.steps.train(pstate, batch, rng)
                 step += 1
                 self._unchecked.append((step, metrics["finite"]))
                 if step == start + 1:
                     jax.block_until_ready(metrics)
                     self.timer.reset(step)  # the first step compiled; img/s counts from here
+                    self.input.take()  # nor does the wait for the first batch count
                 self.trace.after_step(step - start, metrics)
                 last = step == self.total_steps
                 preempted = sigterm(step)  # once per step: multi-process, it is a sync point
@@ -182,6 +185,7 @@ class _Loop:
                     )
                 if paused:
                     self.timer.reset(step)
+                    self.input.take()
         if step < self.total_steps:
             raise RuntimeError(f"the training data ran out at step {step} of {self.total_steps}")
         return pstate, step
@@ -209,9 +213,11 @@ class _Loop:
         if ips is not None:
             m["images_per_sec"] = ips
         m["epoch"] = step / self.steps_per_epoch
+        wait, rate = self.input.take()
+        m["input_wait_fraction"], m["input_images_per_sec"] = wait, rate
         self.train_metrics = m
         self.writer.write(step, "train", m)
-        self.progress.update(step, loss=m["loss"], lr=m["lr"], img_s=ips or 0.0)
+        self.progress.update(step, loss=m["loss"], lr=m["lr"], img_s=ips or 0.0, input_wait=wait)
 
     def _validate(self, step: int, pstate: TrainState) -> TrainState:
         self._check_finite()

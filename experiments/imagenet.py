@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pool_to_6x6 = False  # torchvision: adaptive 6x6 average pool before fc6
     c.model.init = "paper"  # 'paper' | 'cc2' | 'caffe' | 'he'
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    # 'cpu': split grouped convs + the pooled-grid max-pool gradient (fast on XLA:CPU);
+    # 'portable': XLA's native feature_group_count and select_and_scatter; 'auto': by platform.
+    c.model.kernels = "auto"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.update_rule = "paper"  # v <- m v - wd lr w - lr g; w <- w + v. 'optax_sgd': lr outside
@@ -81,6 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.augment = True
+    # Where the crops, flips, lighting and mean run: 'device' (the host decodes and sends uint8
+    # 256x256, the device step augments with keys folded from seed, step and global slot) or
+    # 'host' (tf.data augments and sends float32 224x224; four times the bytes per example).
+    c.data.augment_on = "device"
     c.data.data_dir = ""  # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
     c.data.manual_dir = ""  # holds ILSVRC2012_img_{train,val}.tar; '' = <data_dir>/downloads/manual
     # big_vision's "minival": 1 % of train tunes everything; the official val set is the test set.
@@ -97,6 +104,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # prepared_dir ('' = data_dir); use_prepared=False forces the full-size images.
     c.data.prepared_dir = ""
     c.data.use_prepared = True
+    # What `prepare` writes (alexnet_jax/data/prepare.py): the central 256x256 square as 'jpeg'
+    # at prepare_quality (decodes fast, lossy twice) or 'raw' uint8 (exact; ~250 GB for train);
+    # in 'array_record' files (random access: resume reads nothing before its step) or 'tfrecord'.
+    c.data.prepare_storage = "jpeg"
+    c.data.prepare_quality = 90
+    c.data.prepared_file_format = "array_record"
     c.data.shuffle_buffer = 10_000  # encoded images, after the per-epoch shard-file shuffle
     # Training augmentation (paper section 4.1). augment=False gives training the eval centre crop.
     c.data.flip = True

@@ -1,15 +1,23 @@
-"""Input-pipeline throughput, images/s on one CPU core: full-size JPEGs vs the 256 px copy vs PIL.
+"""Input-pipeline throughput, images/s on one CPU core: the training path vs full-size vs PIL.
 
-    python scripts/bench_input.py [--images 512] [--batch 32] [--cores 1]
+    python scripts/bench_input.py [--images 512] [--batch 16] [--cores 1] [--rounds 2] [--json P]
 
 There is no ImageNet here, so the script makes its own: `--images` synthetic photographs
 (500x375 by default, about ImageNet's average, smooth colour fields plus texture, JPEG quality 90),
-written as ILSVRC-2012 tars. Then, the same way a real run does:
-1. the real TFDS `imagenet2012` builder prepares them and `ImageNetSource` streams training batches
-   (TFDS records -> seeded shuffle -> decode, rescale, random crop, flip, lighting, mean -> batch);
-2. `alexnet_jax.data.prepare` writes the 256 px copy and `ImageNetSource` streams it;
-3. a PIL/torchvision-style baseline does the same operations per image in Python: PIL decode,
-   shorter side to 256, central crop, random 224 crop, flip, lighting and mean in numpy.
+written as ILSVRC-2012 tars. Then, the same way a real run does, one pipeline per row:
+- `train`: the default training path: `alexnet_jax.data.prepare` writes the 256x256 copy (JPEG q90,
+  ArrayRecord) and `ImageNetSource` streams it: records by index, decode, uint8 256x256 batches
+  (the device step augments; `data.augment_on='device'`);
+- `copy_host_augment`: the same copy, augmented on the host (`data.augment_on='host'`: random crop,
+  flip, lighting, mean in tf.data; float32 224x224 batches);
+- `full_jpeg`, `full_jpeg_host_augment`, `full_jpeg_no_antialias`: the full-size TFDS records
+  (decode, antialiased rescale to 256, crop; host or device augmentation; plain bilinear);
+- `pil_copy`, `pil_full`: a PIL/torchvision-style baseline doing the same per-image work in Python
+  (PIL decode, shorter side to 256, central crop, random 224 crop, flip, lighting and mean in
+  numpy) on the same copy / the full-size JPEGs.
+`--json PATH` writes one JSON object per line per pipeline with `pipeline`,
+`images_per_sec_per_core` and `bytes_per_example` (the image bytes the host hands the device per
+example; `bytes_per_example_all` adds the label and slot).
 The timed part runs with every thread pinned to `--cores` cores (default 1), so the numbers read
 as images/s per core; the preparation before it uses every core. One pipeline runs at a time, and
 each row is the best of `--rounds` rounds, since other load on a shared machine only slows a round
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import tarfile
@@ -34,7 +43,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexnet_jax.data import augment, imagenet, prepare, tfds_common
+from alexnet_jax.data import augment, imagenet, prepare, random_access, tfds_common
 from experiments.imagenet import get_config
 
 
@@ -104,12 +113,15 @@ class Clock:
         self.cpu = time.process_time() - self.cpu
 
 
-def time_stream(batches, batch: int, steps: int) -> tuple[float, float]:
-    """(images/s, CPU seconds per wall second) over `steps` batches."""
+def time_stream(batches, batch: int, steps: int) -> tuple[float, float, float, float]:
+    """(images/s, CPU seconds per wall second, image bytes and all bytes per example) over
+    `steps` batches; the bytes are what the host hands the device."""
     with Clock() as clock:
         for _ in range(steps):
-            next(batches)
-    return steps * batch / clock.wall, clock.cpu / clock.wall
+            last = next(batches)
+    image = last["image"].nbytes / batch
+    total = sum(np.asarray(v).nbytes for v in last.values()) / batch
+    return steps * batch / clock.wall, clock.cpu / clock.wall, image, total
 
 
 def pil_baseline(
@@ -135,7 +147,9 @@ def pil_baseline(
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             array = np.asarray(image, np.float32)
             array = array + eigvec @ (rng.normal(0, cfg.pca_std, 3) * sigmas) - mean
-    return count / clock.wall, clock.cpu / clock.wall
+    # What it would hand a device: the float32 crop per example.
+    nbytes = float(array.astype(np.float32).nbytes)
+    return count / clock.wall, clock.cpu / clock.wall, nbytes, nbytes + 4.0
 
 
 def main() -> None:
@@ -147,6 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="timed batches per round")
     parser.add_argument("--rounds", type=int, default=2, help="report the best round")
     parser.add_argument("--cores", type=int, default=1, help="cores the timed part may use")
+    parser.add_argument("--json", default="", help="write one JSON line per pipeline here")
     args = parser.parse_args()
     tfds_common.import_tf()
 
@@ -159,13 +174,24 @@ def main() -> None:
         c = get_config()
         c.data.data_dir, c.data.manual_dir = str(tmp / "tfds"), str(tmp / "manual")
         c.data.train_split, c.data.val_split, c.data.test_split = "train", "train[:1]", "validation"
-        full = imagenet.ImageNetSource(c)  # prepares imagenet2012 from the tars
+        imagenet.ImageNetSource(c)  # prepares imagenet2012 from the tars
         copy_dir = prepare.prepare_copy(c.data, str(tmp / "copy"))
         c.data.prepared_dir = str(tmp / "copy")
-        copy = imagenet.ImageNetSource(c)
-        copy_bytes = sum(f.stat().st_size for f in copy_dir.glob("*train.tfrecord*"))
+        copy = imagenet.ImageNetSource(c)  # the default training path: device augmentation
+        copy_bytes = sum(f.stat().st_size for f in copy_dir.glob("*-train.*"))
+        c.data.augment_on = "host"
+        copy_host = imagenet.ImageNetSource(c)
+        c.data.augment_on = "device"
+        c.data.prepare_storage, c.data.prepared_dir = "raw", str(tmp / "raw")
+        prepare.prepare_copy(c.data, str(tmp / "raw"))
+        copy_raw = imagenet.ImageNetSource(c)  # the raw uint8 copy: no decode at all
+        c.data.prepare_storage = "jpeg"
+        c.data.prepared_dir, c.data.use_prepared = "", False
+        full = imagenet.ImageNetSource(c)
+        c.data.augment_on = "host"
+        full_host = imagenet.ImageNetSource(c)
 
-        c.data.prepared_dir, c.data.use_prepared, c.data.resize_antialias = "", False, False
+        c.data.resize_antialias = False
         plain = imagenet.ImageNetSource(c)
         small = _copy_images(copy_dir)
 
@@ -177,24 +203,31 @@ def main() -> None:
         tfds_common.LOOKAHEAD_STEPS = 1
         cfg = augment.AugmentConfig.from_config(get_config().data)
         steps = args.steps
+        # name -> (what it is, source); `train` is what a default run reads.
         sources = {
-            "tf.data, full-size JPEG (TFDS records)": full,
-            "tf.data, prepared 256 px copy (TFDS records)": copy,
-            "tf.data, full-size JPEG, resize_antialias=False": plain,
+            "train": ("prepared copy, ArrayRecord, decode on host, augment on device", copy),
+            "train_raw": ("raw uint8 copy (prepare --storage raw), augment on device", copy_raw),
+            "copy_host_augment": ("prepared copy, augment on host (augment_on=host)", copy_host),
+            "full_jpeg": ("full-size JPEG (TFDS records), augment on device", full),
+            "full_jpeg_host_augment": ("full-size JPEG, augment on host", full_host),
+            "full_jpeg_no_antialias": ("full-size JPEG, host, resize_antialias=False", plain),
         }
-        pil = {"PIL + numpy, full-size JPEG": photos, "PIL + numpy, prepared 256 px copy": small}
+        pil = {
+            "pil_full": ("PIL + numpy baseline, full-size JPEG", photos),
+            "pil_copy": ("PIL + numpy baseline, the same prepared copy", small),
+        }
         # One pipeline alive at a time (a stream that is not being read keeps filling its
         # buffers and would steal the core); best of --rounds against other load on the machine.
-        rows: dict[str, tuple[float, float]] = {}
+        rows: dict[str, tuple[float, float, float, float]] = {}
         for _ in range(args.rounds):
-            for name, source in sources.items():
+            for name, (_, source) in sources.items():
                 batches = source.train_batches(args.batch, seed=0)
                 for _ in range(WARMUP):  # functions traced, shuffle buffer full
                     next(batches)
                 rate = time_stream(batches, args.batch, steps)
                 batches.close()
                 rows[name] = max(rows.get(name, (0.0, 0.0)), rate)
-            for name, images in pil.items():
+            for name, (_, images) in pil.items():
                 rate = pil_baseline(images, cfg, steps * args.batch)
                 rows[name] = max(rows.get(name, (0.0, 0.0)), rate)
 
@@ -207,9 +240,31 @@ def main() -> None:
     )
     # cpu/wall: CPU seconds this process used per second (at most the cores it may use; less
     # when other processes take part of them).
-    print(f"{'pipeline':48s} {'images/s':>9s} {'per core':>9s} {'cpu/wall':>9s}")
-    for name, (rate, busy) in rows.items():
-        print(f"{name:48s} {rate:9.0f} {rate / n:9.0f} {busy:9.2f}")
+    print(f"{'pipeline':24s} {'images/s':>9s} {'per core':>9s} {'cpu/wall':>9s} {'bytes/ex':>9s}")
+    what = {k: v[0] for k, v in (sources | pil).items()}
+    lines = []
+    for name, (rate, busy, image_bytes, all_bytes) in rows.items():
+        row = f"{name:24s} {rate:9.0f} {rate / n:9.0f} {busy:9.2f} {image_bytes:9.0f}"
+        print(f"{row}  {what[name]}")
+        lines.append(
+            {
+                "pipeline": name,
+                "description": what[name],
+                "images_per_sec": round(rate, 1),
+                "images_per_sec_per_core": round(rate / n, 1),
+                "cores": n,
+                "cpu_per_wall": round(busy, 3),
+                "bytes_per_example": int(image_bytes),  # the image the device receives
+                "bytes_per_example_all": int(all_bytes),  # + label (and the slot)
+                "batch": args.batch,
+                "rounds": args.rounds,
+            }
+        )
+    ratio = rows["train"][0] / rows["pil_copy"][0]
+    print(f"train / pil_copy per core: {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def _tfds_lines(name: str) -> list[str]:
@@ -221,8 +276,10 @@ def _tfds_lines(name: str) -> list[str]:
 def _copy_images(path: Path) -> list[bytes]:
     import tensorflow_datasets as tfds
 
-    ds = tfds.builder_from_directory(str(path)).as_dataset(
-        split="train", decoders={"image": tfds.decode.SkipDecoding()}
+    ds = random_access.as_dataset(
+        tfds.builder_from_directory(str(path)),
+        "train",
+        decoders={"image": tfds.decode.SkipDecoding()},
     )
     return [bytes(ex["image"]) for ex in tfds.as_numpy(ds)]
 

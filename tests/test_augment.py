@@ -182,3 +182,18 @@ def test_config_fields_of_the_experiment():
     assert (cfg.image_size, cfg.resize_size, cfg.pca_std) == (224, 256, 0.1)
     assert cfg.pca_scale == "eigval" and cfg.mean_mode == "channel"
     assert cfg == augment.AugmentConfig()  # the module defaults are the experiment's
+
+
+def test_raw_copy_pixels_pass_through_the_decode():
+    """The raw prepared copy stores uint8 pixels: decoding is the identity on them, and the copy
+    holds what the decode of the original makes (data/prepare.py, storage='raw')."""
+    from alexnet_jax.data import prepare
+
+    array = (np.random.default_rng(3).random((40, 60, 3)) * 255).astype(np.uint8)
+    data = tf.constant(png(array))
+    stored = prepare.square_image(data, 32, "raw", 90).numpy()
+    np.testing.assert_array_equal(stored, augment.decode_and_resize(data, 32).numpy())
+    again = augment.decode_and_resize(tf.constant(stored), 32).numpy()
+    np.testing.assert_array_equal(again, stored)
+    jpeg = prepare.square_image(data, 32, "jpeg", 90).numpy()
+    assert isinstance(jpeg, bytes) and tf.io.decode_jpeg(jpeg).shape == (32, 32, 3)

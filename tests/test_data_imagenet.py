@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax.data import prepare, tfds_common
+from alexnet_jax.data import augment, prepare, random_access, tfds_common
 from alexnet_jax.data.imagenet import ImageNetSource
 from alexnet_jax.errors import DataNotFoundError
 from experiments.imagenet import get_config
@@ -27,6 +27,7 @@ def config(data_dir, manual_dir, **data):
     c.data.train_split = "train[:80%]"  # 18 of the 22 training images
     c.data.val_split = "train[80%:]"
     c.data.shuffle_buffer = 8
+    c.data.augment_on = "host"  # float model inputs to check; device mode has its own tests
     c.data.update(data)
     return c
 
@@ -191,14 +192,26 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
     out, path = prepared
     copy = tfds.builder_from_directory(str(path))
     original = tfds.builder("imagenet2012", data_dir=c.data.data_dir)
+    assert random_access.is_random_access(copy)  # ArrayRecord: read by index
     for split in ("train", "validation"):
         names = [
-            [ex["file_name"] for ex in tfds.as_numpy(b.as_dataset(split=split))]
+            [ex["file_name"] for ex in tfds.as_numpy(random_access.as_dataset(b, split))]
             for b in (original, copy)
         ]
         assert names[0] == names[1]  # so split strings like train[:80%] name the same images
-    for ex in tfds.as_numpy(copy.as_dataset(split="validation")):
-        assert min(ex["image"].shape[:2]) == 256
+    # The central square at data.resize_size (256 in the recipe, 32 here), as decode_and_resize
+    # makes it from the original.
+    side = c.data.resize_size
+    originals = {
+        ex["file_name"]: ex["image"]
+        for ex in tfds.as_numpy(
+            original.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
+        )
+    }
+    for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
+        assert ex["image"].shape == (side, side, 3)
+        square = augment.decode_and_resize(tf.constant(originals[ex["file_name"]]), side).numpy()
+        assert np.abs(ex["image"].astype(float) - square).mean() < 3  # JPEG q90 round trip
     with caplog.at_level(logging.INFO):
         source = ImageNetSource(config(c.data.data_dir, c.data.manual_dir, prepared_dir=str(out)))
     assert "prepared copy" in caplog.text
@@ -234,3 +247,57 @@ def test_prepare_command_writes_mean_image_for_pixel_mode(ilsvrc, prepared, caps
         config(c.data.data_dir, c.data.manual_dir, prepared_dir=str(out), mean_mode="pixel")
     )
     assert next(source.train_batches(B, seed=0))["image"].shape == (B, 24, 24, 3)
+
+
+@pytest.mark.parametrize("mean_mode", ["channel", "pixel"])
+def test_device_augmentation_stream_resumes_exactly_across_an_epoch(ilsvrc, prepared, mean_mode):
+    """augment_on='device': the host sends uint8 at resize_size with global slots, and the
+    device step's crops of a resumed stream are those of the uninterrupted one."""
+    import jax
+
+    from alexnet_jax.data.device_augment import Preprocess
+
+    _, c, _ = ilsvrc
+    out, _ = prepared
+    prepare.main(  # the mean image next to the copy (idempotent)
+        [
+            "--data_dir",
+            c.data.data_dir,
+            "--manual_dir",
+            c.data.manual_dir,
+            "--out",
+            str(out),
+            "--mean_image",
+            "--resize_size",
+            "32",
+        ]
+    )
+    source = ImageNetSource(
+        config(
+            c.data.data_dir,
+            c.data.manual_dir,
+            prepared_dir=str(out),
+            augment_on="device",
+            mean_mode=mean_mode,
+        )
+    )
+    spec = source.info.device_augment
+    assert spec is not None and (spec.mean_image is not None) == (mean_mode == "pixel")
+    augment = jax.jit(lambda b, s: Preprocess(spec, 3).train(b, s)["image"])
+
+    def views(start, n):
+        batches = take(source.train_batches(B, seed=3, start_step=start), n)
+        for b in batches:
+            assert b["image"].dtype == np.uint8 and b["image"].shape == (B, 32, 32, 3)
+            np.testing.assert_array_equal(b["slot"], np.arange(B))
+        return [np.asarray(augment(b, start + k)) for k, b in enumerate(batches)]
+
+    first = views(0, 7)  # 4 steps per epoch: crosses into epoch 1
+    resumed = views(3, 4)  # the last step of epoch 0, then epoch 1
+    assert first[0].shape == (B, 24, 24, 3)
+    for a, b in zip(first[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    batch = next(source.eval_batches("test", B, crops=10))
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (B, 32, 32, 3)
+    ten = jax.jit(lambda b: Preprocess(spec, 3, crops=10).eval(b)["image"])(batch)
+    assert ten.shape == (B, 10, 24, 24, 3)

@@ -251,3 +251,30 @@ def test_cpu_flags_configure_adds_the_option_once_and_respects_the_user(monkeypa
     assert cpu_flags.configure()
     assert os.environ["XLA_FLAGS"] == f"{cpu_flags.OPTION}="
     assert not cpu_flags.active()
+
+
+# --- model.kernels: the CPU forms and XLA's native forms ---------------------------------
+
+
+def test_cpu_and_portable_kernels_give_the_same_network():
+    """Same parameters, same outputs and gradients, whichever `model.kernels` form runs."""
+    from alexnet_jax.layers import resolve_kernels
+
+    assert resolve_kernels("auto") == "cpu"  # the tests run on CPU devices
+    assert resolve_kernels("portable") == "portable"
+    kw = dict(num_classes=10, conv_features=(8, 16, 16, 16, 16), dense_features=32, groups=2)
+    cpu, portable = AlexNet(**kw, kernels="cpu"), AlexNet(**kw, kernels="portable")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
+    params = cpu.init(jax.random.PRNGKey(1), x, train=False)["params"]
+    other = portable.init(jax.random.PRNGKey(1), x, train=False)["params"]
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(other)
+
+    def loss(model):
+        return jax.jit(
+            jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2))
+        )(params)
+
+    (lc, gc), (lp, gp) = loss(cpu), loss(portable)
+    np.testing.assert_allclose(lc, lp, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(gc), jax.tree_util.tree_leaves(gp), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

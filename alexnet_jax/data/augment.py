@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax.data.base import MEAN_MODES, PCA_SCALES
+from alexnet_jax.data.base import AUGMENT_ON, MEAN_MODES, PCA_SCALES
 
 
 def hide_gpus() -> None:
@@ -62,6 +62,9 @@ class AugmentConfig:
     pca_scale: str = "eigval"  # 'eigval' | 'sqrt_eigval'
     mean_mode: str = "channel"  # 'channel' | 'pixel' | 'none'
     mean_rgb: tuple[float, ...] = IMAGENET_MEAN_RGB
+    # 'host': this module augments; 'device': the host only decodes (uint8 at resize_size) and
+    # the device step augments (data/device_augment.py); the ops below are the 'host' path.
+    augment_on: str = "device"
     # [resize_size, resize_size, 3], for mean_mode="pixel"; not compared (an array has no ==)
     mean_image: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
@@ -76,6 +79,8 @@ class AugmentConfig:
             shape = (self.resize_size, self.resize_size, 3)
             if self.mean_image is None or tuple(self.mean_image.shape) != shape:
                 raise ValueError(f"mean_mode='pixel' needs a mean image of shape {shape}")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on: 'device' or 'host', not {self.augment_on!r}")
         if np.shape(self.pca_eigvec) != (3, 3) or len(self.pca_eigval) != 3:
             raise ValueError("pca_eigvec must be 3x3 and pca_eigval have 3 entries")
 
@@ -96,6 +101,7 @@ class AugmentConfig:
             pca_scale=str(get("pca_scale", d.pca_scale)),
             mean_mode=str(get("mean_mode", d.mean_mode)),
             mean_rgb=tuple(float(v) for v in get("mean_rgb", d.mean_rgb)),
+            augment_on=str(get("augment_on", d.augment_on)),
             mean_image=mean_image,
         )
 
@@ -128,6 +134,7 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int, antialias: bool = True)
     about twice the JPEG decode, so `antialias=False` (plain bilinear, as TF's own ImageNet
     pipelines resize) is there for full-size training. An image already `size` on its shorter
     side (the prepared copy) is not resampled at all, which is most of the copy's speed.
+    uint8 pixels (the raw copy) skip the decode.
     """
 
     def jpeg() -> tf.Tensor:
@@ -141,7 +148,10 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int, antialias: bool = True)
         image.set_shape([None, None, 3])
         return central_square(image)
 
-    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    if image_bytes.dtype == tf.uint8:  # already pixels (the raw prepared copy)
+        image = central_square(image_bytes)
+    else:
+        image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
     def resize() -> tf.Tensor:
         resized = tf.image.resize(image, [size, size], method="bilinear", antialias=antialias)

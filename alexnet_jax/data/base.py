@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import chex
 import numpy as np
@@ -23,6 +23,11 @@ Predictor = tuple[Preprocess, tuple[str, ...]]
 PCA_SCALES = ("eigval", "sqrt_eigval")  # on [0, 1] pixels (paper as printed) / on 0-255 (cc2)
 MEAN_MODES = ("channel", "pixel", "none")  # mean RGB / the paper's mean image / nothing
 FOLDER_SCANS = ("decode", "none")  # screen out unreadable images at start, or not
+# Where crops, flips, lighting and mean run: in the device step (host sends uint8) or on the host.
+AUGMENT_ON = ("device", "host")
+PREPARED_STORAGE = ("jpeg", "raw")  # how the prepared copy stores its 256x256 images
+PREPARED_FILE_FORMATS = ("array_record", "tfrecord")  # random access / sequential only
+
 # The largest image file that --mode predict decodes: 20000x20000 would need 1.2 GB as uint8 RGB
 # (a decompression bomb); ImageNet's largest photo has under 20 megapixels.
 MAX_PREDICT_PIXELS = 100_000_000
@@ -73,6 +78,9 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]  # (height, width, channels) of the model input
     num_examples: dict[str, int]  # keys 'train', 'val', 'test'
     class_names: tuple[str, ...] | None = None
+    # data/device_augment.DeviceAugment when the device step augments (the host sends uint8 at
+    # resize_size, with each example's global `slot`); None when batches are the model's input.
+    device_augment: Any = None
 
     def label_names(self) -> tuple[str, ...]:
         """The class names, or the labels as text where the dataset has none (synthetic)."""

@@ -21,6 +21,7 @@ from alexnet_jax.data.base import (
     eval_index_batches,
     read_rgb,
 )
+from alexnet_jax.data.device_augment import DeviceAugment, global_slots
 
 
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -59,11 +60,26 @@ class DigitsSource:
         self._mean = float(self._images["train"].mean())  # one channel replicated 3 times
         self._size = data.image_size
         self._augment = data.augment
+        # On the device (the default), the host sends the upsampled digit (float, 72x72, before
+        # the mean) and the step cuts the crop: the same keyed crops as ImageNet's, so resume and
+        # device-count tests cover device augmentation on the quickstart data. No flip (digits
+        # are not mirror-symmetric) and no lighting (gray).
+        self._on_device = data.get("augment_on", "device") == "device"
+        spec = None
+        if self._on_device:
+            spec = DeviceAugment(
+                image_size=self._size,
+                resize_size=int(data.resize_size),
+                augment=bool(data.augment),
+                flip=False,
+                mean_rgb=(self._mean,) * 3,
+            )
         self.info = DatasetInfo(
             num_classes=10,
             image_shape=(self._size, self._size, 3),
             num_examples={k: len(v) for k, v in parts.items()},
             class_names=tuple(str(d) for d in range(10)),
+            device_augment=spec,
         )
 
     @classmethod
@@ -133,6 +149,12 @@ class DigitsSource:
                 pid * batch_size : (pid + 1) * batch_size
             ]
             gray = images[idx]
+            if self._on_device:
+                slots = global_slots(batch_size, pid)
+                image = np.repeat(gray[..., None], 3, axis=-1)
+                yield {"image": image, "label": labels[idx], "slot": slots}
+                step += 1
+                continue
             if self._augment:
                 gray = self._random_crop(gray, np.random.default_rng([seed, step, 7]))
             else:
@@ -159,8 +181,11 @@ class DigitsSource:
         for idx in eval_index_batches(len(labels), batch_size):
             valid = idx >= 0
             safe = np.where(valid, idx, 0)
+            raw = images[safe]
             yield {
-                "image": self._rgb(self._centre(images[safe])),
+                "image": np.repeat(raw[..., None], 3, -1)
+                if self._on_device
+                else self._rgb(self._centre(raw)),
                 "label": labels[safe],
                 "mask": valid,
             }

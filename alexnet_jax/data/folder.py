@@ -168,6 +168,7 @@ class FolderSource:
             image_shape=(size, size, 3),
             num_examples={k: len(self._files[k][1]) if k in self._files else 0 for k in dirs},
             class_names=tuple(classes),
+            device_augment=tfds_common.device_spec(self._cfg),
         )
 
     @classmethod

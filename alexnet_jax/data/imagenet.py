@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from alexnet_jax.data import augment, tfds_common
+from alexnet_jax.data import augment, random_access, tfds_common
 from alexnet_jax.data.base import Batch, DatasetInfo, Predictor
 from alexnet_jax.errors import DataNotFoundError, UsageError
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 NAME = "imagenet2012"
 PREPARED_NAME = "imagenet2012_s256"  # the prepared copy's dataset name (prepare.py writes it)
-PREPARED_VERSION = "1.0.0"
+PREPARED_VERSION = "2.0.0"  # 2: central 256x256 square (1: shorter side 256, aspect kept)
 MEAN_IMAGE_FILE = "mean_image.npy"  # written by `prepare --mean_image` next to the copy
 # Written by `prepare` next to the copy: the leakage check's digests, so a run never rehashes.
 HASHES_FILE = "content_hashes.tsv"
@@ -134,12 +134,10 @@ def hash_records(builder, split: str) -> list[tuple[str, str]]:
     tf = tfds_common.import_tf()
     import tensorflow_datasets as tfds
 
-    ds = builder.as_dataset(
-        split=split,
-        shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False),
-    )
+    decoders = None  # a raw copy's pixels are hashed as stored
+    if isinstance(builder.info.features["image"], tfds.features.Image):
+        decoders = {"image": tfds.decode.SkipDecoding()}
+    ds = random_access.as_dataset(builder, split, decoders=decoders)
     ds = ds.map(lambda ex: (ex["file_name"], ex["image"])).prefetch(tf.data.AUTOTUNE)
     return [(name.decode(), digest(image)) for name, image in ds.as_numpy_iterator()]
 
@@ -208,6 +206,7 @@ class ImageNetSource:
             image_shape=(size, size, 3),
             num_examples={k: self._num_examples(v) for k, v in self._splits.items()},
             class_names=names,
+            device_augment=tfds_common.device_spec(self._cfg),
         )
         self._train_local = self._num_examples(self._train_shard)
 
@@ -266,9 +265,7 @@ class ImageNetSource:
         return stored
 
     def _file_name(self, split: str) -> str:
-        ds = self._builder.as_dataset(
-            split=split, decoders={"image": self._tfds.decode.SkipDecoding()}
-        )
+        ds = random_access.as_dataset(self._builder, split, decoders=self._decoders())
         return next(iter(ds.as_numpy_iterator()))["file_name"].decode()
 
     def _num_examples(self, split) -> int:
@@ -282,14 +279,24 @@ class ImageNetSource:
             ) from None
 
     def _records(self, split, *, read_config, shuffle_files: bool):
-        tf, tfds = self._tf, self._tfds
-        ds = self._builder.as_dataset(
-            split=split,
-            shuffle_files=shuffle_files,
-            read_config=read_config,
-            decoders={"image": tfds.decode.SkipDecoding()},  # decode in augment, after skip
-        )
+        tf = self._tf
+        if random_access.is_random_access(self._builder):  # in record order
+            ds = random_access.as_dataset(self._builder, split, decoders=self._decoders())
+        else:
+            ds = self._builder.as_dataset(
+                split=split,
+                shuffle_files=shuffle_files,
+                read_config=read_config,
+                decoders=self._decoders(),
+            )
         return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+    def _decoders(self) -> dict | None:
+        """Encoded images stay encoded (decoded in augment, after any skip); raw pixels are read
+        as the uint8 arrays they are."""
+        if isinstance(self._builder.info.features["image"], self._tfds.features.Image):
+            return {"image": self._tfds.decode.SkipDecoding()}
+        return None
 
     def _epoch(self, seed: int, epoch: int):
         """Epoch `epoch`'s record order: shard files shuffled, then a shuffle buffer, both seeded
@@ -301,6 +308,18 @@ class ImageNetSource:
         return ds.shuffle(self._shuffle_buffer, seed=s, reshuffle_each_iteration=False)
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        if random_access.is_random_access(self._builder):
+            records, parse = random_access.raw_source_and_parser(
+                self._builder, self._splits["train"], self._decoders()
+            )
+            return random_access.train_stream(
+                records,
+                parse=parse,
+                batch_size=batch_size,
+                seed=seed,
+                start_step=start_step,
+                cfg=self._cfg,
+            )
         return tfds_common.train_stream(
             lambda epoch: self._epoch(seed, epoch),
             load=lambda image: image,

@@ -1,11 +1,14 @@
-"""The prepared copy: every ImageNet image with its shorter side resized to 256, as TFDS records.
+"""The prepared copy: every ImageNet image as the paper made it (central 256x256), as TFDS records.
 
     python -m alexnet_jax.data.prepare --data_dir D --manual_dir M [--out DIR] [--mean_image]
 
 1. Prepares `imagenet2012` in D from the tars in M, unless it is prepared already.
 2. Writes the dataset `imagenet2012_s256` to DIR (default D): the same splits, labels and file
-   names, each image resized (antialiased bilinear, aspect kept) so its shorter side is 256 and
-   re-encoded as JPEG. The records use the same keys (file names) as `imagenet2012`, and TFDS orders
+   names, each image's central square resized (antialiased bilinear) to 256x256 -- the paper's
+   "shorter side to 256, then the central 256x256 patch" -- and stored as JPEG (`--quality`, 90)
+   or as raw uint8 pixels (`--storage raw`: exact, 196,608 bytes an image, ~250 GB for train), in
+   ArrayRecord files (`--file_format`; random access: a resumed run reads nothing before its
+   step). The records use the same keys (file names) as `imagenet2012`, and TFDS orders
    records by a hash of the key, so the copy lists the examples in the same order: a split string
    such as `train[:99%]` names the same images in both.
 3. Writes DIR/imagenet2012_s256/content_hashes.tsv, a digest of every original image, which the
@@ -36,21 +39,23 @@ from typing import ClassVar
 import ml_collections
 import numpy as np
 
-from alexnet_jax.data import augment, folder, imagenet, leakage, tfds_common
+from alexnet_jax.data import augment, folder, imagenet, leakage, random_access, tfds_common
+from alexnet_jax.data.base import PREPARED_FILE_FORMATS, PREPARED_STORAGE
 
 log = logging.getLogger(__name__)
 
 
-def resize_shorter_side(image_bytes, size: int, quality: int):
-    """Encoded image -> JPEG bytes whose shorter side is `size` (aspect ratio kept)."""
+def square_image(image_bytes, size: int, storage: str, quality: int):
+    """Encoded image -> the copy's image: the central square, resized to `size` x `size`.
+
+    The paper's "rescale the shorter side to 256, crop the central 256x256 patch" done once, here
+    (`augment.decode_and_resize`: antialiased bilinear, as Pillow), so training only decodes.
+    'jpeg' re-encodes at `quality` (a second lossy step); 'raw' keeps the uint8 pixels exactly
+    (196,608 bytes per image: about 250 GB for ImageNet's train split).
+    """
     tf = tfds_common.import_tf()
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    shape = tf.cast(tf.shape(image)[:2], tf.float64)
-    scale = size / tf.reduce_min(shape)
-    new = tf.cast(tf.maximum(tf.round(shape * scale), size), tf.int32)
-    image = tf.image.resize(image, new, method="bilinear", antialias=True)
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return tf.io.encode_jpeg(image, quality=quality)
+    image = augment.decode_and_resize(image_bytes, size, antialias=True)
+    return tf.io.encode_jpeg(image, quality=quality) if storage == "jpeg" else image
 
 
 def _copy_builder_class():
@@ -63,23 +68,28 @@ def _copy_builder_class():
         VERSION = tfds.core.Version(imagenet.PREPARED_VERSION)
         RELEASE_NOTES: ClassVar = {imagenet.PREPARED_VERSION: "Shorter side 256, re-encoded."}
 
-        def __init__(self, *, source, shorter_side: int = 256, quality: int = 90, **kwargs):
+        def __init__(
+            self, *, source, size: int = 256, storage: str = "jpeg", quality: int = 90, **kwargs
+        ):
             self._source = source
             # split -> [(file name, digest of the source's encoded image)] in generation order,
             # for the leakage check's sidecar (see prepare_copy); filled as the copy is written.
             self.digests: dict[str, list[tuple[str, str]]] = {}
-            self._size = shorter_side
-            self._quality = quality
+            self._size, self._storage, self._quality = size, storage, quality
             super().__init__(**kwargs)
 
         def _info(self):
             names = self._source.info.features["label"].names
             return tfds.core.DatasetInfo(
                 builder=self,
-                description=f"{self._source.name} resized to a shorter side of {self._size}.",
+                description=(
+                    f"{self._source.name}: central square resized to {self._size}x{self._size}, "
+                    f"stored as {self._storage}"
+                    + (f" (quality {self._quality})." if self._storage == "jpeg" else ".")
+                ),
                 features=tfds.features.FeaturesDict(
                     {
-                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "image": image_feature(self._storage, self._size),
                         "label": tfds.features.ClassLabel(names=names),
                         "file_name": tfds.features.Text(),
                     }
@@ -102,7 +112,7 @@ def _copy_builder_class():
             ds = ds.map(
                 lambda ex: (
                     ex["file_name"],
-                    resize_shorter_side(ex["image"], self._size, self._quality),
+                    square_image(ex["image"], self._size, self._storage, self._quality),
                     ex["label"],
                     ex["image"],  # the original bytes, hashed here: they are read anyway
                 ),
@@ -118,13 +128,34 @@ def _copy_builder_class():
     return Imagenet2012S256
 
 
-def prepare_copy(data: ml_collections.ConfigDict, out: str, *, quality: int = 90) -> Path:
-    """Prepares `imagenet2012` if need be, then writes the copy under `out`; returns its path."""
+def image_feature(storage: str, size: int):
+    """The copy's image feature: a JPEG, or the raw uint8 pixels."""
+    import tensorflow_datasets as tfds
+
+    if storage == "jpeg":
+        return tfds.features.Image(encoding_format="jpeg")
+    return tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8)
+
+
+def prepare_copy(data: ml_collections.ConfigDict, out: str) -> Path:
+    """Prepares `imagenet2012` if need be, then writes the copy under `out`; returns its path.
+
+    `data.prepare_storage` ('jpeg' at `data.prepare_quality`, or 'raw'), `data.resize_size`
+    and `data.prepared_file_format` ('array_record': random access, so a resumed run reads
+    nothing before its step; 'tfrecord') say what is written.
+    """
     tfds_common.import_tf()
     import tensorflow_datasets as tfds
 
     source = imagenet.full_size_builder(data, ["train", "validation"])
-    builder = _copy_builder_class()(source=source, quality=quality, data_dir=out)
+    builder = _copy_builder_class()(
+        source=source,
+        size=int(data.get("resize_size", 256)),
+        storage=data.get("prepare_storage", "jpeg"),
+        quality=int(data.get("prepare_quality", 90)),
+        file_format=data.get("prepared_file_format", "array_record"),
+        data_dir=out,
+    )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
@@ -172,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manual_dir", default="", help="the ILSVRC2012 tars")
     parser.add_argument("--out", default="", help="where the copy goes ('' = data_dir)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the copy")
+    parser.add_argument("--storage", choices=PREPARED_STORAGE, default="jpeg", help="jpeg or raw")
+    parser.add_argument("--file_format", choices=PREPARED_FILE_FORMATS, default="array_record")
     parser.add_argument("--mean_image", action="store_true", help="also write mean_image.npy")
     parser.add_argument("--mean_examples", type=int, default=50_000)
     parser.add_argument("--mean_split", default="train[:99%]", help="TFDS split to average")
@@ -196,17 +229,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"--config.data.mean_image_path={out})"
             )
             return 0
-        data = ml_collections.ConfigDict({"data_dir": args.data_dir, "manual_dir": args.manual_dir})
+        data = ml_collections.ConfigDict(
+            {
+                "data_dir": args.data_dir,
+                "manual_dir": args.manual_dir,
+                "resize_size": args.resize_size,
+                "prepare_storage": args.storage,
+                "prepare_quality": args.quality,
+                "prepared_file_format": args.file_format,
+            }
+        )
+        if not 1 <= args.quality <= 100:
+            raise UsageError(f"--quality must be in [1, 100]; got {args.quality}")
         out = args.out or imagenet.data_dir(data)
-        path = prepare_copy(data, out, quality=args.quality)
+        path = prepare_copy(data, out)
         print(f"prepared copy: {path}")
         if args.mean_image:
             import tensorflow_datasets as tfds
 
             builder = tfds.builder_from_directory(str(path))
-            records = builder.as_dataset(
-                split=args.mean_split, decoders={"image": tfds.decode.SkipDecoding()}
-            ).map(lambda ex: ex["image"])
+            decoders = None
+            if isinstance(builder.info.features["image"], tfds.features.Image):
+                decoders = {"image": tfds.decode.SkipDecoding()}
+            records = random_access.as_dataset(builder, args.mean_split, decoders=decoders)
+            records = records.map(lambda ex: ex["image"])
             mean = mean_image(records, args.resize_size, args.mean_examples)
             target = path.parent / imagenet.MEAN_IMAGE_FILE
             np.save(target, mean)

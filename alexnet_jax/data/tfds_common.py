@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from alexnet_jax.data import augment
+from alexnet_jax.data import augment, device_augment
 from alexnet_jax.data.base import Batch, pad_batch, read_if_16_bit
 from alexnet_jax.errors import UsageError
 
@@ -97,6 +97,10 @@ def train_stream(
     base_seed = tf.constant([seed, pid], tf.int64)
 
     def augment_one(slot, key, label):
+        if cfg.augment_on == "device":  # decode only; the device step augments (slot keys it)
+            return augment.decode_and_resize(
+                load(key), cfg.resize_size, cfg.resize_antialias
+            ), label
         example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
         return (*augment.train_parts(load(key), example_seed, cfg), label)
 
@@ -112,7 +116,9 @@ def train_stream(
         if skip_errors:
             ds = ds.ignore_errors(log_warning=True)
         ds = ds.take((steps_per_epoch - within) * batch_size)
-        ds = ds.batch(batch_size, drop_remainder=True).map(_finish)
+        ds = ds.batch(batch_size, drop_remainder=True)
+        if cfg.augment_on == "host":
+            ds = ds.map(_finish)
         ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
         batches = ds.as_numpy_iterator()
         first = next(batches)  # starts the pipeline: fills the shuffle buffer
@@ -122,6 +128,9 @@ def train_stream(
     # first batch made) while the last LOOKAHEAD_STEPS of the current one are consumed, so an
     # epoch boundary costs no stall, without holding two pipelines for a whole epoch.
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+    slots = (
+        {"slot": device_augment.global_slots(batch_size, pid)} if cfg.augment_on == "device" else {}
+    )
     try:
         step = start_step
         current = open_epoch(step)
@@ -131,7 +140,7 @@ def train_stream(
             for image, label in current:
                 if upcoming is None and end - step <= LOOKAHEAD_STEPS:
                     upcoming = pool.submit(open_epoch, end)
-                yield {"image": image, "label": label.astype(np.int32)}
+                yield {"image": image, "label": label.astype(np.int32), **slots}
                 step += 1
             current = (upcoming or pool.submit(open_epoch, end)).result()
     finally:
@@ -157,15 +166,26 @@ def eval_stream(
     equally often and every example counts exactly once.
     """
     tf = import_tf()
-    ds = records.map(
-        lambda key, label: (*augment.eval_parts(load(key), cfg, crops), label),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+    on_device = cfg.augment_on == "device"  # uint8 at resize_size: the device cuts the views
+
+    def parts(key, label):
+        if on_device:
+            return augment.decode_and_resize(
+                load(key), cfg.resize_size, cfg.resize_antialias
+            ), label
+        return (*augment.eval_parts(load(key), cfg, crops), label)
+
+    ds = records.map(parts, num_parallel_calls=tf.data.AUTOTUNE)
     if skip_errors:
         ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(batch_size).map(_finish).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
-    view = (crops,) if crops > 1 else ()
-    shape = (*view, cfg.image_size, cfg.image_size, 3)
+    ds = ds.batch(batch_size)
+    if not on_device:
+        ds = ds.map(_finish)
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+    view = (crops,) if crops > 1 and not on_device else ()
+    side = cfg.resize_size if on_device else cfg.image_size
+    shape = (*view, side, side, 3)
+    dtype = np.uint8 if on_device else np.float32
     seen = yielded = 0
     for image, label in ds.as_numpy_iterator():
         seen += len(label)
@@ -179,12 +199,30 @@ def eval_stream(
             num_examples,
         )
     empty = {
-        "image": np.zeros((batch_size, *shape), np.float32),
+        "image": np.zeros((batch_size, *shape), dtype),
         "label": np.zeros((batch_size,), np.int32),
         "mask": np.zeros((batch_size,), bool),
     }
     for _ in range(num_batches - yielded):
         yield {k: v.copy() for k, v in empty.items()}
+
+
+def device_spec(cfg: augment.AugmentConfig) -> device_augment.DeviceAugment | None:
+    """What the device step needs to augment this source's uint8 batches (None: 'host')."""
+    if cfg.augment_on != "device":
+        return None
+    mean = cfg.mean_rgb if cfg.mean_mode == "channel" else (0.0, 0.0, 0.0)
+    return device_augment.DeviceAugment(
+        image_size=cfg.image_size,
+        resize_size=cfg.resize_size,
+        augment=cfg.augment,
+        flip=cfg.flip,
+        pca_std=cfg.pca_std,
+        pca_eigvec=cfg.pca_eigvec,
+        sigmas=tuple(float(v) for v in cfg.lighting_sigmas()),
+        mean_rgb=mean,
+        mean_image=cfg.mean_image if cfg.mean_mode == "pixel" else None,
+    )
 
 
 def eval_num_batches(per_process_max: int, batch_size: int) -> int:

@@ -1,0 +1,143 @@
+"""The training stream over a random-access copy (ArrayRecord files, `tfds.data_sources`).
+
+Resume in O(1): the example at global slot j of step s is record `perm_e[(s mod spe) * GB + j]`,
+where perm_e = `base.epoch_permutation(n, seed, e)` over the whole split, e = s // spe, GB the
+global batch and spe = n // GB. So a stream started at step s reads exactly the records of steps
+s, s+1, ... and nothing before (the TFRecord stream of `tfds_common` has to read and skip the
+earlier records of the epoch and refill its shuffle buffer). Each epoch is a full permutation
+(better mixed than a shuffle buffer), and each process takes its slice of every global batch, so
+the order is the same for any number of processes (as the digits source does it).
+
+Reading is a Python generator (array_record's reads are memory-mapped lookups); decoding and the
+host augmentation, when asked for, run in tf.data's parallel maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from alexnet_jax.data import augment, device_augment
+from alexnet_jax.data.base import Batch, epoch_permutation
+from alexnet_jax.data.tfds_common import import_tf, process_index_count
+from alexnet_jax.errors import UsageError
+
+
+def train_stream(
+    source: Any,
+    *,
+    parse: Any,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    cfg: augment.AugmentConfig,
+) -> Iterator[Batch]:
+    """The infinite training stream from step `start_step` on.
+
+    `source` is a random-access sequence of serialized examples (a TFDS data source read with
+    `DeserializeMethod.RAW_BYTES`) and `parse` turns one into `(image, label)` inside tf.data
+    (encoded bytes or uint8 pixels). Python only looks records up, one batch per call; parsing
+    and decoding run in tf.data's parallel map, off the GIL.
+    """
+    tf = import_tf()
+    pid, count = process_index_count()
+    n, global_batch = len(source), batch_size * count
+    if n // global_batch < 1:
+        raise UsageError(f"global batch {global_batch} exceeds the {n} training examples")
+    getitems = getattr(source, "__getitems__", None)
+    spe = n // global_batch
+
+    def records():
+        step, perm_epoch, perm = start_step, -1, None
+        while True:
+            epoch, within = divmod(step, spe)
+            if epoch != perm_epoch:  # one permutation per epoch: milliseconds for 10^6
+                perm_epoch, perm = epoch, epoch_permutation(n, seed, epoch)
+            first = within * global_batch + pid * batch_size
+            idx = perm[first : first + batch_size].tolist()
+            exs = getitems(idx) if getitems else [source[i] for i in idx]
+            slots = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+            yield slots, np.array(exs, dtype=object)
+            step += 1
+
+    signature = (tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([batch_size], tf.string))
+    ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
+    base_seed = tf.constant([seed, pid], tf.int64)
+
+    def one(slot, serialized):
+        image, label = parse(serialized)
+        if cfg.augment_on == "device":
+            return augment.decode_and_resize(image, cfg.resize_size, cfg.resize_antialias), label
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
+        return (*augment.train_parts(image, example_seed, cfg), label)
+
+    ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
+    if cfg.augment_on == "host":
+        ds = ds.map(lambda image, offset, label: (augment.finish(image, offset), label))
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    slots = {}
+    if cfg.augment_on == "device":
+        slots = {"slot": device_augment.global_slots(batch_size, pid)}
+    for image, label in ds.as_numpy_iterator():
+        yield {"image": image, "label": label, **slots}
+
+
+def raw_source_and_parser(builder, split: str, decoders: Any):
+    """(the split's serialized examples by index, serialized -> (image, label) in TF ops)."""
+    tf = import_tf()
+    import tensorflow_datasets as tfds
+
+    source = builder.as_data_source(
+        split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
+    features = builder.info.features
+
+    def parse(serialized):
+        ex = features.deserialize_example(serialized, decoders=decoders)
+        return ex["image"], tf.cast(ex["label"], tf.int32)
+
+    return source, parse
+
+
+def is_random_access(builder) -> bool:
+    """Whether `builder`'s records are ArrayRecord files, read by index."""
+    fmt = builder.info.file_format
+    return fmt is not None and "array_record" in str(getattr(fmt, "value", fmt))
+
+
+def as_dataset(builder, split: str, *, decoders: Any = None):
+    """A tf.data dataset of `split`'s examples (dicts) in record order, for any file format.
+
+    TFDS's `as_dataset` does not read ArrayRecord files; for those, a generator walks the data
+    source in index order (the order `as_dataset` gives for TFRecord files unshuffled).
+    """
+    tf = import_tf()
+    import tensorflow_datasets as tfds
+
+    if not is_random_access(builder):
+        read_config = tfds.ReadConfig(try_autocache=False)
+        return builder.as_dataset(
+            split=split, shuffle_files=False, decoders=decoders, read_config=read_config
+        )
+    source = builder.as_data_source(split=split, decoders=decoders)
+    if len(source) == 0:
+        raise UsageError(f"split {split!r} of {builder.name} is empty")
+    first = source[0]
+    signature = {k: _spec(tf, v) for k, v in first.items()}
+
+    def examples():
+        for i in range(len(source)):
+            yield source[i]
+
+    return tf.data.Dataset.from_generator(examples, output_signature=signature)
+
+
+def _spec(tf, value):
+    if isinstance(value, (bytes, np.bytes_, str)):
+        return tf.TensorSpec([], tf.string)
+    array = np.asarray(value)
+    return tf.TensorSpec(array.shape, tf.as_dtype(array.dtype))
