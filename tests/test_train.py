@@ -124,3 +124,25 @@ def test_num_train_steps_overrides_epochs():
     assert steps.num_train_steps(c, 1000) == (10, 30)
     c.num_train_steps = 7
     assert steps.num_train_steps(c, 1000) == (10, 7)
+
+
+def test_top5_is_ranked_in_log_space_where_float32_probabilities_underflow():
+    """Five classes beat the label, but all six have probabilities below float32's smallest
+    (exp(-110) ~ 1e-48): ranked on the softmax they tie at 0.0 and the label would count as a
+    top-5 hit; ranked on log-probabilities it is sixth, a miss (a diverged run logged 0 %)."""
+
+    class Fixed:  # the real eval_step on fixed logits
+        def apply(self, variables, x, train):
+            logits = jnp.full((x.shape[0], 10), -200.0).at[:, 0].set(0.0)
+            return logits.at[:, 1:6].set(-110.0).at[:, 6].set(-120.0)
+
+    assert float(jax.nn.softmax(Fixed().apply(None, jnp.zeros((1,)), False))[0, 6]) == 0.0
+    batch = {
+        "image": jnp.zeros((1, 2, 8, 8, 3)),
+        "label": jnp.full((1, 2), 6, jnp.int32),
+        "mask": jnp.ones((1, 2), bool),
+    }
+    step = functools.partial(steps.eval_step, model=Fixed(), axis_name="i")
+    sums = jax.vmap(step, in_axes=(None, 0), axis_name="i")({}, batch)
+    assert float(sums["top5_error"][0]) == 2.0 and float(sums["top1_error"][0]) == 2.0
+    assert np.isfinite(float(sums["loss"][0]))  # -log p of the label, not -log(0)
