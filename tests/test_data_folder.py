@@ -52,6 +52,7 @@ def config(root, **data):
     c.dataset = "folder"
     c.data.folder_root = str(root)
     c.data.resize_size, c.data.image_size = 32, 24
+    c.data.augment_on = "host"  # these tests read the host path's finished crops
     c.data.update(data)
     return c
 
