@@ -34,6 +34,7 @@ def tiny_config(**data):
     config = digits.get_config()
     config_lib.apply_overrides(config, TINY)
     config.eval.batch_size = 8  # 2 per device: small splits still span several batches
+    config.data.augment_on = "host"  # the tests feed the sources' finished inputs to the model
     for key, value in data.items():
         config.data[key] = value
     return config
@@ -356,6 +357,7 @@ def test_imagenet_predict_uses_the_eval_transform_and_synset_names(tmp_path):
 
     config = imagenet.get_config()
     config.eval.crops = 10
+    config.data.augment_on = "host"  # compared with the host eval transform below
     path = str(tmp_path / "photo.jpg")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)

@@ -148,6 +148,7 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int, antialias: bool = True)
         image.set_shape([None, None, 3])
         return central_square(image)
 
+    image_bytes = tf.convert_to_tensor(image_bytes)  # callers may pass Python bytes
     if image_bytes.dtype == tf.uint8:  # already pixels (the raw prepared copy)
         image = central_square(image_bytes)
     else:
