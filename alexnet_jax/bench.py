@@ -3,6 +3,7 @@
     python -m alexnet_jax.bench [--batch_sizes 64,128] [--steps 10] [--dtypes float32,bfloat16]
                                 [--torch_modes eager,compile,bf16,compile_bf16] [--no_torch]
                                 [--out results.jsonl] [--config.KEY=VALUE ...]
+    python -m alexnet_jax.bench --parallel_modes data,columns,owt [--batch_sizes 32] ...
 
 What is timed: `alexnet_jax.steps.build(...)[1].train`, the same `jax.pmap`ped step (over all
 local devices, state donated) that `launch.py` runs, on one synthetic batch made on the devices.
@@ -13,6 +14,11 @@ each of `--torch_modes` (PyTorch at its best: eager, `torch.compile`, bf16 autoc
 autocast). Every JAX dtype and every PyTorch mode of a batch size take turns step by step in one
 interleaved run, so that all see the same machine load, and the ratio JAX/PyTorch is printed
 against each mode (> 1: JAX is faster).
+
+With `--parallel_modes`, the same step in each `parallel.mode` takes turns instead (float32, no
+PyTorch), and each row adds what the compiled step sends between devices (`alexnet_jax.costs`:
+the collectives of the optimised HLO, in bytes per device with a ring algorithm) next to what
+the mode's design implies.
 
 XLA:CPU settings: `alexnet_jax.cpu_flags` (convolutions on Eigen, matmuls and reductions on
 YNNPACK) is applied before JAX starts, as in `launch.py`. Optional, for both frameworks alike: on
@@ -42,47 +48,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cpu_flags, steps
+from alexnet_jax import costs, cpu_flags, steps
 from alexnet_jax.data import make_source
 from alexnet_jax.errors import UsageError
-from alexnet_jax.model import DTYPES, AlexNet, from_config
+from alexnet_jax.model import DTYPES, abstract_params, from_config
+from alexnet_jax.parallel import PLANS
 
 # torch_reference.MODES, without importing PyTorch (optional) to check a command line.
 TORCH_MODES = ("eager", "compile", "bf16", "compile_bf16")
-
-
-def forward_flops(model: AlexNet, image_shape: tuple[int, int, int]) -> float:
-    """2 x multiply-adds of the convolutions and dense layers for one image (no compilation)."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-
-    def run():
-        variables = model.init(jax.random.key(0), x, train=False)
-        _, state = model.apply(
-            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
-        )
-        return variables["params"], state["intermediates"]
-
-    params, inter = jax.eval_shape(run)
-    macs = 0
-    for name, layer in params.items():
-        kernel = int(np.prod(layer["kernel"].shape))
-        out = inter[name]["__call__"][0].shape  # (1, H, W, C) for a conv, (1, C) for a dense
-        macs += kernel * int(np.prod(out[1:-1]))  # times the output positions
-    return 2.0 * macs
-
-
-def matmul_peak_gflops(dtype: Any = jnp.float32, n: int = 2048, reps: int = 8) -> float:
-    """The best GFLOP/s of an n x n matmul on the default device: the measured peak."""
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), dtype)
-    b = jax.random.normal(kb, (n, n), dtype)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(reps))
-    return 2.0 * n**3 / best / 1e9
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -107,6 +82,10 @@ def jax_runner(config: ml_collections.ConfigDict) -> Callable[[], None]:
         box["state"], metrics = train(box["state"], batch, rng)
         jax.block_until_ready((box["state"], metrics))
 
+    def hlo() -> str:  # the optimised program that `step` runs
+        return train.lower(box["state"], batch, rng).compile().as_text()  # type: ignore[attr-defined]
+
+    step.hlo = hlo  # type: ignore[attr-defined]
     return step
 
 
@@ -174,20 +153,21 @@ def bench_config(
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, Any]]:
     base = config_lib.resolve(args.experiment, overrides)
     devices = jax.local_devices()
+    wrapping = "parallel.mode " + ",".join(args.parallel_modes) if args.parallel_modes else "pmap"
     print(
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
         f"jax {jax.__version__}; host {platform.processor() or platform.machine()}; "
-        f"step: jax.pmap over {len(devices)} local device(s); "
+        f"step: {wrapping} over {len(devices)} local device(s); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True,
     )
     image_shape = (base.data.image_size, base.data.image_size, 3)
-    flops_fwd = forward_flops(from_config(base.model), image_shape)
+    flops_fwd = costs.forward_flops(from_config(base.model), image_shape)
     print(f"model: {flops_fwd / 2e9:.3f} GMAC forward per image", flush=True)
     peaks = {}
     for dtype in dict.fromkeys(args.dtypes):
         n = args.matmul_size or (2048 if devices[0].platform == "cpu" else 8192)
-        peaks[dtype] = matmul_peak_gflops(jnp.dtype(dtype), n)
+        peaks[dtype] = costs.matmul_peak_gflops(jnp.dtype(dtype), n)
         print(f"matmul peak ({dtype}, {n}^3, best of 8): {peaks[dtype]:.1f} GFLOP/s", flush=True)
     upcast = "bfloat16" in args.dtypes and cpu_flags.bf16_upcast()
     if upcast:
@@ -197,6 +177,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
             "and costs the converts. Train in float32 on CPUs; bfloat16 is for GPUs and TPUs.",
             flush=True,
         )
+    if args.parallel_modes:
+        return run_modes(args, base, image_shape, flops_fwd, peaks[args.dtypes[0]], devices)
     torch_modes = [] if args.no_torch or not torch_available() else args.torch_modes
     results = []
     for batch_size in args.batch_sizes:
@@ -216,11 +198,61 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
             results.append(row)
             print(_format(row), flush=True)
         del runners
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in results:
-                f.write(json.dumps(row) + "\n")
+    _append(args.out, results)
     return results
+
+
+def run_modes(
+    args: argparse.Namespace,
+    base: ml_collections.ConfigDict,
+    image_shape: tuple[int, int, int],
+    flops_fwd: float,
+    peak: float,
+    devices: Sequence[Any],
+) -> list[dict[str, Any]]:
+    """Each `parallel.mode` in one interleaved run per batch size, with its traffic."""
+    model = from_config(base.model)
+    params = abstract_params(model, image_shape)
+    results = []
+    for batch_size in args.batch_sizes:
+        configs = {}
+        for mode in args.parallel_modes:
+            configs[mode] = bench_config(base, batch_size, args.dtypes[0])
+            configs[mode].parallel.mode = mode
+            config_lib.validate(configs[mode], num_devices=jax.device_count())
+        runners = {f"jax_{mode}": jax_runner(c) for mode, c in configs.items()}
+        times = interleave(runners, args.steps, args.warmup)
+        for mode, config in configs.items():
+            runner = runners[f"jax_{mode}"]
+            row = _row({"jax_" + config.model.dtype: times[f"jax_{mode}"]}, config.model.dtype,
+                       config, flops_fwd, peak, devices)  # fmt: skip
+            row["parallel_mode"] = mode
+            row["traffic"] = costs.traffic(runner.hlo())  # type: ignore[attr-defined]
+            sent = sum(t["ring_bytes_per_device"] for t in row["traffic"].values())
+            row["ring_bytes_per_device"] = sent
+            row["implied_ring_bytes_per_device"] = costs.implied(
+                model, params, image_shape[0], batch_size, mode, len(devices)
+            )
+            results.append(row)
+            print(f"{mode:>8} " + _format(row), flush=True)
+            kinds = ", ".join(
+                f"{k} x{int(t['count'])} {t['buffer_bytes'] / 1e6:.2f} MB"
+                for k, t in row["traffic"].items()
+            )
+            print(
+                f"         sends {sent / 1e6:.2f} MB/device/step (ring; design implies "
+                f"{row['implied_ring_bytes_per_device'] / 1e6:.2f} MB): {kinds or 'nothing'}",
+                flush=True,
+            )
+    _append(args.out, results)
+    return results
+
+
+def _append(path: str | None, rows: list[dict[str, Any]]) -> None:
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
 
 
 def _row(
@@ -305,12 +337,20 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]
     p.add_argument("--torch_channels_last", action="store_true", help="NHWC PyTorch tensors")
     p.add_argument("--matmul_size", type=int, help="n of the peak matmul (CPU 2048, else 8192)")
     p.add_argument("--out", help="append one JSON line per setting to this file")
+    p.add_argument(
+        "--parallel_modes",
+        type=lambda s: s.split(","),
+        default=[],
+        help="time these parallel.mode values against each other instead (data,columns,owt)",
+    )
     rest, overrides = config_lib.split_overrides(argv)
     args = p.parse_args(rest)
     for dtype in args.dtypes:
         config_lib.check_choice("--dtypes", dtype, DTYPES)
     for mode in args.torch_modes:  # the names only: PyTorch need not be installed to check them
         config_lib.check_choice("--torch_modes", mode, TORCH_MODES)
+    for mode in args.parallel_modes:
+        config_lib.check_choice("--parallel_modes", mode, list(PLANS))
     return args, overrides
 
 

@@ -52,7 +52,11 @@ TRAINING_ONLY = (
 # Fields added since runs were started whose default is not the old behaviour: a record without
 # them is compared as if it held the old value (so resuming an old host-augmented run under the
 # new device default is refused with the difference, not silently continued on other crops).
-OLD_DEFAULTS: dict[str, Any] = {"data.augment_on": "host"}
+OLD_DEFAULTS: dict[str, Any] = {
+    "data.augment_on": "host",
+    "model.lrn_per_column": False,
+    "model.dropout_masks": "device",
+}
 
 POLICIES: dict[str, tuple[str, ...]] = {
     # A resumed run continues bit-exactly only under the same recipe.

@@ -185,9 +185,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _check_choices(config)
     _check_ranges(config)
     _check_batches(config, num_devices)
+    from alexnet_jax import model_parallel
     from alexnet_jax.model import check_geometry
 
     problem = check_geometry(config.model, config.data.image_size)
+    problem = problem or model_parallel.check(config, num_devices)
     if problem:
         raise UsageError(problem)
 
@@ -197,7 +199,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
     from alexnet_jax import data, optim, parallel
     from alexnet_jax.data import base, leakage
     from alexnet_jax.layers import KERNELS
-    from alexnet_jax.model import DTYPES, INIT_SCHEMES, PRESETS
+    from alexnet_jax.model import DROPOUT_MASKS, DTYPES, INIT_SCHEMES, PRESETS
 
     return {
         "dataset": list(data.DATASETS),
@@ -205,6 +207,7 @@ def choice_registries() -> dict[str, Sequence[Any]]:
         "model.init": list(INIT_SCHEMES),
         "model.dtype": list(DTYPES),
         "model.kernels": list(KERNELS),
+        "model.dropout_masks": list(DROPOUT_MASKS),
         "optim.update_rule": list(optim.UPDATE_RULES),
         "optim.schedule": list(optim.SCHEDULES),
         "parallel.mode": list(parallel.PLANS),

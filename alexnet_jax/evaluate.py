@@ -103,7 +103,8 @@ def score(
 ) -> Any:
     """`steps.evaluate` (padded, masked, exact) with the eval step alone."""
     device = make_preprocess(source.info.device_augment, config.seed, config.eval.crops)
-    run = steps.eval_steps(from_config(config.model), "data", device)
+    mode = config.get("parallel", {}).get("mode", "data")
+    run = steps.eval_steps(from_config(config.model), mode, device)
     placed = run.plan.put_state(params)
     try:
         return steps.evaluate(run, placed, source, split, config, return_confusion=return_confusion)

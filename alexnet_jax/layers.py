@@ -32,6 +32,7 @@ def local_response_norm(
     alpha: float = 1e-4,
     beta: float = 0.75,
     scale_alpha_by_size: bool = False,
+    groups: int = 1,
 ) -> Array:
     """Local response normalisation over the channel (last) axis of an NHWC array (section 3.3).
 
@@ -41,23 +42,32 @@ def local_response_norm(
     the window is |j - i| <= size//2; an even size takes PyTorch's window (one channel fewer
     after i than before it), so `size` channels are summed, as `nn.LocalResponseNorm` sums them.
 
+    With `groups` > 1 the windows stay inside each of `groups` equal blocks of channels: the
+    paper's two GPUs each normalised their own column's maps (model.lrn_per_column).
+
     The windowed sum is a matmul with a banded 0/1 matrix: on CPUs and GPUs a small dense matmul
     over channels is much faster than a `reduce_window` over a window of 5 channels.
     """
     scale = alpha / size if scale_alpha_by_size else alpha
-    t = k + scale * jnp.matmul(jnp.square(x), _channel_band(x.shape[-1], size, x.dtype))
+    band = _channel_band(x.shape[-1], size, groups, x.dtype)
+    t = k + scale * jnp.matmul(jnp.square(x), band)
     return x * lax.pow(t, jnp.asarray(-beta, dtype=x.dtype))
 
 
-def _channel_band(channels: int, size: int, dtype: Any) -> Array:
-    """B[j, i] = 1 where i - size//2 <= j <= i + (size-1)//2: (a ** 2) @ B sums each window.
+def _channel_band(channels: int, size: int, groups: int, dtype: Any) -> Array:
+    """B[j, i] = 1 where i - size//2 <= j <= i + (size-1)//2 and j, i lie in one of `groups`
+    blocks: (a ** 2) @ B sums each window.
 
     torch pads size//2 channels before and (size-1)//2 after and averages `size` of them; the
     same bounds here keep even sizes (not symmetric) equal to PyTorch's.
     """
+    if channels % groups:
+        raise ValueError(f"{channels} channels do not split into {groups} LRN groups")
     idx = np.arange(channels)
     offset = idx[:, None] - idx[None, :]  # j - i
+    block = idx // (channels // groups)
     band = (offset >= -(size // 2)) & (offset <= (size - 1) // 2)
+    band &= block[:, None] == block[None, :]
     return jnp.asarray(band, dtype=dtype)
 
 
@@ -206,3 +216,31 @@ def adaptive_avg_pool(x: Array, size: int) -> Array:
     return jnp.stack(
         [jnp.stack([x[:, r, c].mean(axis=(1, 2)) for c in cols], axis=1) for r in rows], axis=1
     )
+
+
+class ExampleDropout(nn.Module):
+    """Dropout whose mask for each example is drawn from (the layer's key, the example's place in
+    the global batch): a function of (seed, step, global example), whatever the devices.
+
+    `width` neurons get a mask; this device's `x` holds `x.shape[-1]` of them from `offset` on
+    (a model-parallel layer's slice), so every layout draws the one-device masks.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(
+        self, x: Array, example_ids: Array, width: int, offset: Any, *, deterministic: bool
+    ) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        key = self.make_rng("dropout")
+
+        def row(example: Array) -> Array:
+            return jax.random.bernoulli(jax.random.fold_in(key, example), keep, (width,))
+
+        mask = jax.vmap(row)(example_ids)
+        if width != x.shape[-1]:
+            mask = lax.dynamic_slice_in_dim(mask, offset, x.shape[-1], axis=1)
+        return lax.select(mask, x / keep, jnp.zeros_like(x))

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax.layers import (
+    ExampleDropout,
     GroupedConv,
     Initializer,
     adaptive_avg_pool,
@@ -28,6 +29,7 @@ from alexnet_jax.layers import (
     resolve_kernels,
 )
 from alexnet_jax.layers import max_pool as _max_pool
+from alexnet_jax.model_parallel import Layout
 
 Array = jax.Array
 
@@ -74,6 +76,10 @@ INIT_SCHEMES: dict[str, Callable[[str], tuple[Initializer, Initializer]]] = {
 }
 # model.dtype: the compute dtype; parameters and optimiser state stay float32.
 DTYPES = ("float32", "bfloat16")
+# model.dropout_masks: 'example' keys each example's masks by its place in the global batch, so
+# that the device count and the parallel mode do not change them; 'device' is linen's Dropout
+# keyed by (step, device), what runs started before parallel modes existed used.
+DROPOUT_MASKS = ("example", "device")
 
 
 class AlexNet(nn.Module):
@@ -94,13 +100,32 @@ class AlexNet(nn.Module):
     lrn_before_relu: bool = False  # conv1 only: cc2 normalises before the ReLU
     dropout_before_dense: bool = False  # torchvision: dropout on the *inputs* of fc6 and fc7
     pool_to_6x6: bool = False  # torchvision: adaptive average pool to 6x6 before fc6
+    # The paper's GPUs normalised their own column's maps: the LRN windows of conv1 and conv2
+    # stop at the column boundary. Caffe's and torch's one-tower LRN runs across it (False).
+    lrn_per_column: bool = True
+    dropout_masks: str = "example"  # DROPOUT_MASKS
     init_scheme: str = "paper"  # config key model.init; `init` would shadow Module.init
     dtype: Any = jnp.float32
     kernels: str = "cpu"  # resolved model.kernels: 'cpu' or 'portable' (layers.KERNELS)
+    layout: Layout | None = None  # model parallelism inside a shard_map step (model_parallel.py)
 
-    def _lrn(self, x: Array) -> Array:
+    def _width(self, layer: str, full: int) -> int:
+        return self.layout.width(layer, full) if self.layout else full
+
+    def _local_groups(self, layer: str, groups: int) -> int:
+        """A split grouped layer holds groups / shards of its groups (conv1 and conv3, one
+        group reading whole inputs, keep it)."""
+        if self.layout is None or layer not in self.layout.split or groups == 1:
+            return groups
+        return groups // self.layout.shards
+
+    def _gather(self, x: Array, producer: str) -> Array:
+        return self.layout.gather_features(x, producer) if self.layout else x
+
+    def _lrn(self, x: Array, layer: str) -> Array:
         if not self.use_lrn:
             return x
+        groups = self._local_groups(layer, self.groups) if self.lrn_per_column else 1
         return local_response_norm(
             x,
             size=self.lrn_size,
@@ -108,16 +133,17 @@ class AlexNet(nn.Module):
             alpha=self.lrn_alpha,
             beta=self.lrn_beta,
             scale_alpha_by_size=self.lrn_scale_alpha_by_size,
+            groups=groups,
         )
 
     def _conv(self, name: str, features: int, kernel: int, stride: int, pad: int, groups: int):
         kinit, binit = INIT_SCHEMES[self.init_scheme](name)
         return GroupedConv(
-            features,
+            self._width(name, features),
             kernel,
             stride,
             pad,
-            groups,
+            self._local_groups(name, groups),
             kinit,
             binit,
             self.dtype,
@@ -127,10 +153,13 @@ class AlexNet(nn.Module):
 
     def _dense(self, name: str, features: int) -> nn.Dense:
         kinit, binit = INIT_SCHEMES[self.init_scheme](name)
-        return nn.Dense(features, dtype=self.dtype, kernel_init=kinit, bias_init=binit, name=name)
+        width = self._width(name, features)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=kinit, bias_init=binit, name=name)
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:
+    def __call__(self, x: Array, *, train: bool, example_ids: Array | None = None) -> Array:
+        """Logits for `x`. `example_ids` are the examples' places in the global batch, which
+        key their dropout masks (default: 0..B-1, one device)."""
         # Checked while tracing, free at run time: a wrong batch names the array, not XLA's op.
         chex.assert_rank(x, 4)
         chex.assert_axis_dimension(x, 3, 3)
@@ -141,24 +170,53 @@ class AlexNet(nn.Module):
             return (_max_pool if self.kernels == "cpu" else max_pool_portable)(y, 3, 2)
 
         x = self._conv("conv1", c1, 11, 4, self.conv1_padding, 1)(x)
-        x = nn.relu(self._lrn(x)) if self.lrn_before_relu else self._lrn(nn.relu(x))
+        x = (
+            nn.relu(self._lrn(x, "conv1"))
+            if self.lrn_before_relu
+            else self._lrn(nn.relu(x), "conv1")
+        )
         x = pool(x)
-        x = pool(self._lrn(nn.relu(self._conv("conv2", c2, 5, 1, 2, g)(x))))
-        x = nn.relu(self._conv("conv3", c3, 3, 1, 1, 1)(x))  # conv3 connects across columns
+        x = pool(self._lrn(nn.relu(self._conv("conv2", c2, 5, 1, 2, g)(x)), "conv2"))
+        x = self._gather(x, "conv2")  # conv3 connects across columns
+        x = nn.relu(self._conv("conv3", c3, 3, 1, 1, 1)(x))
         x = nn.relu(self._conv("conv4", c4, 3, 1, 1, g)(x))
         x = pool(nn.relu(self._conv("conv5", c5, 3, 1, 1, g)(x)))
         if self.pool_to_6x6:
             x = adaptive_avg_pool(x, 6)
+        x = self._gather(x, "conv5")  # before the flatten: the one-device order of fc6's inputs
         x = x.reshape((x.shape[0], -1))
+        if example_ids is None:
+            example_ids = jnp.arange(x.shape[0])
+        if self.layout is not None and self.layout.gather_batch:
+            x = self.layout.gather_examples(x)
+            # Tiled in device order, so the gathered rows are the global batch's 0..B-1.
+            example_ids = jnp.arange(x.shape[0])
 
-        drop = nn.Dropout(self.dropout_rate, deterministic=not train)
-        for name in ("fc6", "fc7"):
+        legacy_drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+
+        def drop(y: Array, layer: str) -> Array:
+            if self.dropout_masks == "device":
+                return legacy_drop(y)
+            # On the outputs of a split layer this device holds a slice of the neurons: the mask
+            # is drawn for all of them and sliced, so it is the one-device mask.
+            full, offset = y.shape[-1], jnp.zeros((), jnp.int32)
+            if not self.dropout_before_dense and self.layout is not None:
+                full = self.dense_features
+                offset = jnp.asarray(self.layout.offset(layer, y.shape[-1]), jnp.int32)
+            return ExampleDropout(self.dropout_rate, name=f"dropout_{layer}")(
+                y, example_ids, full, offset, deterministic=not train
+            )
+
+        for name, previous in (("fc6", None), ("fc7", "fc6")):
+            if previous is not None:
+                x = self._gather(x, previous)
             if self.dropout_before_dense:
-                x = drop(x)
+                x = drop(x, name)
             x = nn.relu(self._dense(name, self.dense_features)(x))
             if not self.dropout_before_dense:
-                x = drop(x)  # section 4.2: dropout on the outputs of the two hidden fc layers
-        x = self._dense("fc8", self.num_classes)(x)
+                x = drop(x, name)  # section 4.2: dropout on the outputs of the two hidden fc layers
+        x = self._dense("fc8", self.num_classes)(self._gather(x, "fc7"))
+        x = self._gather(x, "fc8")  # the softmax is over all classes
         chex.assert_shape(x, (None, self.num_classes))
         return x.astype(jnp.float32)  # logits in float32 so the softmax is stable under bf16
 
@@ -196,6 +254,8 @@ CONFIG_FIELDS = (
     "lrn_before_relu",
     "dropout_before_dense",
     "pool_to_6x6",
+    "lrn_per_column",
+    "dropout_masks",
 )
 
 

@@ -5,10 +5,14 @@ and host batches on the devices in the layout its steps expect, prefetching, and
 and metrics back. How the pure per-device steps are wrapped for the plan (`jax.pmap` today) is
 `steps.py`'s; the training loop, the evaluation modes and the checkpoints see only the plan.
 
-'data' is today's data parallelism: the state is replicated along a leading device axis and
+'data' is plain data parallelism: the state is replicated along a leading device axis and
 each device takes `global_batch / devices` examples. Since JAX 0.8 `device_put_replicated` and
 `device_put_sharded` are gone: a leading device axis is placed with a `NamedSharding` over a
 one-axis mesh of the local devices, in the order `jax.pmap` expects.
+
+'columns' and 'owt' are model-parallel (model_parallel.py): a `MeshPlan` holds global arrays on
+a mesh of every device, each leaf of the state split or replicated as the layout's `spec` says,
+and the batch split over the data axis; `jax.shard_map` steps run on it.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from typing import Any, Protocol
 import chex
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.errors import UsageError
+from alexnet_jax.model_parallel import BATCH_AXIS, COLUMN_AXIS, COLUMNS, Layout
 
-AXIS = "batch"  # the data-parallel axis name, for pmap and the mesh alike
+AXIS = BATCH_AXIS  # the data-parallel axis name, for pmap and the mesh alike
 
 
 class Plan(Protocol):
@@ -32,6 +40,9 @@ class Plan(Protocol):
 
     mode: str
     axis_name: str
+
+    @property
+    def layout(self) -> Layout | None: ...  # the model-parallel layout ('data': none)
 
     def per_process_batch(self, global_batch: int) -> int: ...
     def put_state(self, tree: Any) -> Any: ...
@@ -109,6 +120,7 @@ class DataPlan:
 
     mode = "data"
     axis_name = AXIS
+    layout: Layout | None = None
 
     def per_process_batch(self, global_batch: int) -> int:
         return per_device_batch(global_batch) * jax.local_device_count()
@@ -127,14 +139,85 @@ class DataPlan:
         return prefetch(batches)
 
 
+class MeshPlan:
+    """`parallel.mode='columns'` or `'owt'`: global arrays on a mesh of every device.
+
+    columns: a (devices / 2, 2) mesh `('batch', 'column')`, each row two neighbouring devices of
+    one process (a column pair never spans hosts: the column traffic is the heavy one). owt: one
+    `batch` axis over every device, which the dense layers' neurons are split over as well.
+    """
+
+    axis_name = AXIS
+
+    def __init__(self, layout: Layout) -> None:
+        self.mode = layout.mode
+        self.layout: Layout | None = layout
+        devices = np.array(jax.devices())
+        if layout.model_axis == COLUMN_AXIS:
+            self.mesh = jax.sharding.Mesh(devices.reshape(-1, COLUMNS), (AXIS, COLUMN_AXIS))
+        else:
+            self.mesh = jax.sharding.Mesh(devices, (AXIS,))
+        self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+    def per_process_batch(self, global_batch: int) -> int:
+        per_device_batch(global_batch)  # the same divisibility rule (and message) as 'data'
+        return global_batch // jax.process_count()
+
+    def specs(self, tree: Any) -> Any:
+        """The PartitionSpec of every leaf of a state (or params) tree."""
+        assert self.layout is not None
+        return jax.tree_util.tree_map_with_path(self.layout.spec, tree)
+
+    def put_state(self, tree: Any) -> Any:
+        """Host arrays (identical in every process) -> global arrays, split as `specs` says."""
+
+        def put(x: Any, spec: P) -> jax.Array:
+            x = np.asarray(x)
+            sharding = NamedSharding(self.mesh, spec)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree_util.tree_map(put, tree, self.specs(tree))
+
+    def get_state(self, tree: Any) -> Any:
+        """The whole state as host arrays, in every process (split leaves span processes)."""
+        if jax.process_count() > 1:
+            return multihost_utils.process_allgather(tree, tiled=True)
+        return jax.device_get(tree)
+
+    def get_metrics(self, tree: Any) -> Any:
+        """The first copy of metrics that the steps return once per model shard."""
+        return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+    def prefetch(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        def put(batch: dict[str, Any]) -> dict[str, jax.Array]:
+            return {k: self._put_batch(v) for k, v in batch.items()}
+
+        queue: collections.deque = collections.deque()
+        it = iter(batches)
+        for batch in itertools.islice(it, 2):  # as `prefetch`: the copy overlaps the step
+            queue.append(put(batch))
+        while queue:
+            yield queue.popleft()
+            for batch in itertools.islice(it, 1):
+                queue.append(put(batch))
+
+    def _put_batch(self, x: Any) -> jax.Array:
+        if isinstance(x, jax.Array):  # made on the devices already (the synthetic source)
+            return jax.device_put(x.reshape((-1, *x.shape[2:])), self.batch_sharding)
+        return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x))
+
+
 # parallel.mode -> its plan; steps.WRAPPERS holds how each wraps the steps.
-PLANS: dict[str, type] = {"data": DataPlan}
+PLANS: dict[str, type] = {"data": DataPlan, "columns": MeshPlan, "owt": MeshPlan}
 
 
-def make_plan(parallel_config: Any = None) -> Plan:
-    """The plan that `parallel.mode` names ('data' where a config has no parallel block)."""
-    mode = "data" if parallel_config is None else parallel_config.get("mode", "data")
-    return PLANS[mode]()
+def make_plan(mode: str = "data", layout: Layout | None = None) -> Plan:
+    """The plan of `parallel.mode`; the model-parallel ones take the model's layout."""
+    if mode == "data":
+        return DataPlan()
+    if layout is None:
+        raise ValueError(f"parallel.mode={mode!r} needs the model's layout")
+    return MeshPlan(layout)
 
 
 def initialize_distributed(

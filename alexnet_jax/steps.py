@@ -3,9 +3,10 @@
 `train_step` and `eval_step` are pure functions of their arguments that take `axis_name`; they
 run unchanged on one device, under `jax.vmap` in tests, or wrapped for the devices of a parallel
 plan. `make_steps` is the one place where that wrapping happens (`WRAPPERS`, by
-`parallel.mode`): a new mode (a `jax.shard_map` step over a 2-D mesh) is one wrapper here and one
-plan in `parallel.py`, and the training loop, the evaluation modes and the checkpoints stay as
-they are.
+`parallel.mode`): 'data' wraps them in `jax.pmap`; the model-parallel 'columns' and 'owt' in a
+`jax.shard_map` over the plan's mesh, with the model's `Layout` (model_parallel.py) telling the
+model where to split and gather. The training loop, the evaluation modes and the checkpoints
+see only the plan.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import classification, optim
+from alexnet_jax import classification, model_parallel, optim
 from alexnet_jax.data import DatasetInfo, Source
 from alexnet_jax.data.device_augment import (
     EvalPreprocess,
@@ -35,7 +37,8 @@ from alexnet_jax.data.device_augment import (
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import cross_entropy, top_k_error
 from alexnet_jax.model import AlexNet, from_config
-from alexnet_jax.parallel import Plan, make_plan
+from alexnet_jax.model_parallel import Layout
+from alexnet_jax.parallel import AXIS, MeshPlan, Plan, make_plan
 
 Array = jax.Array
 
@@ -74,24 +77,46 @@ def train_step(
     schedule: optax.Schedule,
     axis_name: str,
     preprocess: TrainPreprocess | None = None,
+    layout: Layout | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One SGD step on this device's part of the global batch; gradients are `pmean`ed.
+    """One SGD step on this device's part of the global batch.
 
     `preprocess` (data/device_augment.py) turns the host batch (uint8 images and their global
     slots) into the model's input first, keyed by the step: augmentation is part of the step.
+
+    Without a `layout` (pmap data parallelism) the gradients are `pmean`ed. With one (a
+    shard_map step; `model` carries the same layout) each device's loss is its examples' mean
+    over the number of devices: the gradient shard_map's autodiff returns for a parameter is
+    then the sum over the devices that share it, i.e. already the one-device gradient.
     """
     if preprocess is not None:
         batch = preprocess(batch, state.step)
     chex.assert_rank(batch["image"], 4)
-    chex.assert_shape(batch["label"], (batch["image"].shape[0],))
-    key = dropout_key(rng, state.step, axis_name)
+    local = batch["image"].shape[0]
+    chex.assert_shape(batch["label"], (local,))
+    ids = lax.axis_index(axis_name) * local + jnp.arange(local)
+    if model.dropout_masks == "device":
+        key = dropout_key(rng, state.step, axis_name)
+    else:  # masks keyed by global example (model.dropout_masks='example')
+        key = jax.random.fold_in(rng, state.step)
+    share = 1.0 if layout is None else 1.0 / _device_count(layout)
 
     def loss_fn(params):
-        logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": key})
-        return cross_entropy(logits, batch["label"]).mean(), logits
+        logits = model.apply(
+            {"params": params},
+            batch["image"],
+            train=True,
+            rngs={"dropout": key},
+            example_ids=ids,
+        )
+        if layout is not None:
+            logits = layout.own_examples(logits, local)
+        loss = cross_entropy(logits, batch["label"]).mean()
+        return loss * share, (loss, logits)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, axis_name)
+    (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if layout is None:
+        grads = lax.pmean(grads, axis_name)
     lr = schedule(state.step) * state.plateau.scale
     opt_state = optim.set_learning_rate(state.opt_state, lr)
     updates, opt_state = tx.update(grads, opt_state, state.params)
@@ -102,15 +127,25 @@ def train_step(
         "top5_error": top_k_error(logits, batch["label"], 5).mean(),
     }
     metrics = lax.pmean(metrics, axis_name)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm, param_norm = _norm(grads, layout), _norm(params, layout)
     metrics |= {
         "finite": jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm),
         "lr": lr,
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(params),
+        "param_norm": param_norm,
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def _device_count(layout: Layout) -> Array:
+    axes = (layout.data_axis, layout.model_axis)
+    return lax.psum(1, tuple(dict.fromkeys(axes)))  # the devices of the mesh
+
+
+def _norm(tree: Any, layout: Layout | None) -> Array:
+    """The global norm; a layout's split leaves are summed over their shards."""
+    return optax.tree.norm(tree) if layout is None else jnp.sqrt(layout.sq_norm(tree))
 
 
 def eval_step(
@@ -120,6 +155,7 @@ def eval_step(
     model: AlexNet,
     axis_name: str,
     preprocess: EvalPreprocess | None = None,
+    layout: Layout | None = None,
 ) -> dict[str, Array]:
     """Sums of loss and errors over the unmasked examples of the global batch.
 
@@ -135,10 +171,10 @@ def eval_step(
     chex.assert_rank(batch["label"], 1)
     chex.assert_equal_shape([batch["label"], batch["mask"]])
     crops = images.shape[1] if images.ndim == 5 else 1
-    logits = cast(  # without `mutable`, apply returns the output alone
-        Array,
-        model.apply({"params": params}, images.reshape((-1, *images.shape[-3:])), train=False),
-    )
+    rows = images.reshape((-1, *images.shape[-3:]))
+    logits = cast(Array, model.apply({"params": params}, rows, train=False))  # output alone
+    if layout is not None:  # owt: the dense layers saw every device's rows
+        logits = layout.own_examples(logits, rows.shape[0])
     log_probs = jax.nn.log_softmax(logits).reshape((-1, crops, logits.shape[-1]))
     scores = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
@@ -172,8 +208,55 @@ def _pmap_steps(plan: Plan, train: Callable | None, evaluate_: Callable) -> tupl
     return wrapped, jax.pmap(evaluate_, axis_name=axis)
 
 
+def _shard_map_steps(plan: Plan, train: Callable | None, evaluate_: Callable) -> tuple[Any, Any]:
+    """Steps over a `MeshPlan`'s mesh: the state split as the layout's specs say (worked out
+    from the tree at trace time), the batch over the data axis.
+
+    The metrics and eval sums come back with one copy per model shard (out_specs over the model
+    axis) and the plan reads the first: the columns compute them from the same gathered logits,
+    and reducing equal numbers over `column` would be traffic that figure 2 does not have.
+    """
+    assert isinstance(plan, MeshPlan) and plan.layout is not None
+    copies = P(plan.layout.model_axis)
+
+    def per_copy(tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: x[None], tree)
+
+    def run_train(state: TrainState, batch: dict[str, Array], rng: Array) -> Any:
+        assert train is not None
+        spec = plan.specs(state)
+        mapped = jax.shard_map(
+            lambda *a: (lambda s, m: (s, per_copy(m)))(*train(*a)),
+            mesh=plan.mesh,
+            in_specs=(spec, P(AXIS), P()),
+            out_specs=(spec, copies),
+        )
+        return mapped(state, batch, rng)
+
+    def run_eval(params: Any, batch: dict[str, Array]) -> Any:
+        mapped = jax.shard_map(
+            lambda *a: per_copy(evaluate_(*a)),
+            mesh=plan.mesh,
+            in_specs=(plan.specs(params), P(AXIS)),
+            out_specs=copies,
+        )
+        return mapped(params, batch)
+
+    wrapped = None if train is None else jax.jit(run_train, donate_argnums=(0,))
+    return wrapped, jax.jit(run_eval)
+
+
 # parallel.mode -> (plan, train step or None, eval step) -> the wrapped (train, eval).
-WRAPPERS: dict[str, Callable[..., tuple[Any, Any]]] = {"data": _pmap_steps}
+WRAPPERS: dict[str, Callable[..., tuple[Any, Any]]] = {
+    "data": _pmap_steps,
+    "columns": _shard_map_steps,
+    "owt": _shard_map_steps,
+}
+
+
+def plan_for(mode: str, model: AlexNet) -> Plan:
+    """The plan of `parallel.mode` for this model (a model-parallel one carries its layout)."""
+    return make_plan(mode, model_parallel.layout_for(mode, model, jax.device_count()))
 
 
 def make_steps(
@@ -186,15 +269,25 @@ def make_steps(
     """The steps wrapped for `plan`; without an optimiser, only the eval step. `preprocess`
     (device augmentation) runs inside both, so it composes with any wrapper."""
     axis = plan.axis_name
+    layout = plan.layout
+    model = model.clone(layout=layout)
     train = None
     p_train = p_eval = None
     if preprocess is not None:
         p_train, p_eval = preprocess.train, preprocess.eval
     if tx is not None:
         train = functools.partial(
-            train_step, model=model, tx=tx, schedule=schedule, axis_name=axis, preprocess=p_train
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            axis_name=axis,
+            preprocess=p_train,
+            layout=layout,
         )
-    evaluate_ = functools.partial(eval_step, model=model, axis_name=axis, preprocess=p_eval)
+    evaluate_ = functools.partial(
+        eval_step, model=model, axis_name=axis, preprocess=p_eval, layout=layout
+    )
     wrapped_train, wrapped_eval = WRAPPERS[plan.mode](plan, train, evaluate_)
     return Steps(plan=plan, eval=wrapped_eval, train=wrapped_train)
 
@@ -203,8 +296,7 @@ def make_steps(
 def eval_steps(model: AlexNet, mode: str = "data", preprocess: Preprocess | None = None) -> Steps:
     """The eval step alone, for the evaluation modes (compiled once per model, mode and
     device preprocessing)."""
-    plan = make_plan(ml_collections.ConfigDict({"mode": mode}))
-    return make_steps(model, plan, preprocess=preprocess)
+    return make_steps(model, plan_for(mode, model), preprocess=preprocess)
 
 
 def create_state(
@@ -289,6 +381,6 @@ def build(
         config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
     state, tx = create_state(config, model, info.image_shape)
-    plan = make_plan(config.get("parallel"))
+    plan = plan_for(config.get("parallel", {}).get("mode", "data"), model)
     preprocess = make_preprocess(info.device_augment, config.seed, config.eval.crops)
     return state, make_steps(model, plan, tx, schedule, preprocess), steps_per_epoch, total_steps

@@ -48,7 +48,11 @@ class TorchAlexNet(nn.Module):
         self.fc8 = nn.Linear(m.dense_features, m.num_classes)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lrn(x) if self.m.use_lrn else x
+        if not self.m.use_lrn:
+            return x
+        if self.m.lrn_per_column and self.m.groups > 1:  # each column's channels on their own
+            return torch.cat([self.lrn(c) for c in x.chunk(self.m.groups, dim=1)], dim=1)
+        return self.lrn(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = torch.relu

@@ -59,8 +59,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.lrn_beta = 0.75
     c.model.lrn_scale_alpha_by_size = False  # paper as printed; cc2/Caffe/torch divide by n
     c.model.lrn_before_relu = False  # paper: after ReLU; cc2 normalises conv1 before it
+    # paper: each GPU normalised its own column's maps (windows stop at the column boundary);
+    # Caffe's and torch's one-tower LRN runs across it (False)
+    c.model.lrn_per_column = True
     c.model.dropout_before_dense = False  # paper: on fc6/fc7 outputs; torchvision: on their inputs
     c.model.pool_to_6x6 = False  # torchvision: adaptive 6x6 average pool before fc6
+    # 'example': each example's masks keyed by its place in the global batch, the same on any
+    # devices and in any parallel.mode; 'device': keyed by (step, device), as runs before 2026-12
+    c.model.dropout_masks = "example"
     c.model.init = "paper"  # 'paper' | 'cc2' | 'caffe' | 'he'
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
     # 'cpu': split grouped convs + the pooled-grid max-pool gradient (fast on XLA:CPU);
@@ -143,7 +149,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # How the steps are laid out on the devices (alexnet_jax/parallel.py, steps.py).
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.mode = "data"  # 'data': jax.pmap data parallelism, the state on every device
+    # 'data': jax.pmap data parallelism, the state on every device; 'columns': the paper's two
+    # columns on a (data, column) mesh; 'owt': convolutions data-parallel, fc6-fc8 split over
+    # the devices ("one weird trick", Krizhevsky 2014). README: "Model parallelism".
+    c.parallel.mode = "data"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.crops = 10  # the paper's 10 patches (section 4.1); 1 = centre crop, 10x cheaper

@@ -46,6 +46,9 @@ def test_unknown_key_suggests_the_closest(capsys):
     )
 
 
+COLUMNS, OWT = ["--config.parallel.mode=columns"], ["--config.parallel.mode=owt"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -74,6 +77,11 @@ def test_unknown_key_suggests_the_closest(capsys):
             "must list the 5 conv layers' widths",
         ),
         (["experiments/digits.py", "--config.parallel.mode=model"], "parallel.mode must be"),
+        (["experiments/digits.py", *COLUMNS, "--config.model.groups=1"], "model.groups=1 does"),
+        (["experiments/digits.py", *COLUMNS, "--config.model.num_classes=9"], "odd widths: fc8=9"),
+        (["experiments/digits.py", *COLUMNS, "--config.model.lrn_per_column=false"], "lrn_per_"),
+        (["experiments/digits.py", *OWT, "--config.model.dropout_masks=device"], "needs model.dr"),
+        (["experiments/digits.py", "--config.model.dropout_masks=x"], "dropout_masks must be"),
         (["experiments/digits.py", "--config.seed=-1"], "seed must be >= 0"),
         (["experiments/digits.py", "--config.keep_checkpoints=0"], "keep_checkpoints must be"),
         (["experiments/digits.py", "--config.optim.learning_rate=0"], "learning_rate must be"),

@@ -226,21 +226,16 @@ def test_prepared_dir_without_copy_raises(ilsvrc, tmp_path):
         ImageNetSource(config(c.data.data_dir, c.data.manual_dir, prepared_dir=str(tmp_path)))
 
 
+def _prepare_with_mean_image(c, out) -> int:
+    """`prepare` of the 32 px copy with its mean image, as a user types it."""
+    flags = ["--data_dir", c.data.data_dir, "--manual_dir", c.data.manual_dir, "--out", str(out)]
+    return prepare.main([*flags, "--mean_image", "--resize_size", "32"])
+
+
 def test_prepare_command_writes_mean_image_for_pixel_mode(ilsvrc, prepared, capsys):
     _, c, _ = ilsvrc
     out, path = prepared
-    args = [
-        "--data_dir",
-        c.data.data_dir,
-        "--manual_dir",
-        c.data.manual_dir,
-        "--out",
-        str(out),
-        "--mean_image",
-        "--resize_size",
-        "32",
-    ]
-    assert prepare.main(args) == 0
+    assert _prepare_with_mean_image(c, out) == 0
     mean = np.load(path.parent / "mean_image.npy")
     assert mean.shape == (32, 32, 3) and 0 < mean.mean() < 255
     source = ImageNetSource(
@@ -259,19 +254,7 @@ def test_device_augmentation_stream_resumes_exactly_across_an_epoch(ilsvrc, prep
 
     _, c, _ = ilsvrc
     out, _ = prepared
-    prepare.main(  # the mean image next to the copy (idempotent)
-        [
-            "--data_dir",
-            c.data.data_dir,
-            "--manual_dir",
-            c.data.manual_dir,
-            "--out",
-            str(out),
-            "--mean_image",
-            "--resize_size",
-            "32",
-        ]
-    )
+    _prepare_with_mean_image(c, out)  # the mean image next to the copy (idempotent)
     source = ImageNetSource(
         config(
             c.data.data_dir,

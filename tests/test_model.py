@@ -81,6 +81,19 @@ def test_lrn_matches_the_formula(divide):
     np.testing.assert_allclose(got, _lrn_numpy(x, 5, 2.0, 1e-3, 0.75, divide), rtol=1e-5)
 
 
+def test_lrn_per_column_normalises_each_column_on_its_own():
+    """model.lrn_per_column: the windows stop at the column boundary, as on the paper's two
+    GPUs: the LRN of each half of the channels alone; the one-tower LRN differs only there."""
+    x = np.random.default_rng(1).normal(0, 30, (2, 3, 4, 12)).astype(np.float32)
+    args = dict(size=5, k=2.0, alpha=1e-3, beta=0.75)
+    got = local_response_norm(jnp.asarray(x), groups=2, **args)
+    halves = [_lrn_numpy(h, 5, 2.0, 1e-3, 0.75, False) for h in np.split(x, 2, axis=-1)]
+    np.testing.assert_allclose(got, np.concatenate(halves, -1), rtol=1e-5)
+    tower = np.asarray(local_response_norm(jnp.asarray(x), **args))
+    differs = ~np.isclose(np.asarray(got), tower, rtol=1e-6).all(axis=(0, 1, 2))
+    assert differs.nonzero()[0].tolist() == [4, 5, 6, 7]  # the channels 2 from the boundary
+
+
 def test_lrn_conventions_differ_by_n():
     x = jnp.full((1, 1, 1, 8), 20.0)
     a = local_response_norm(x, alpha=5e-4, scale_alpha_by_size=True)

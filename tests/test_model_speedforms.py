@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alexnet_jax import bench, cpu_flags
+from alexnet_jax import bench, costs, cpu_flags
 from alexnet_jax.layers import GroupedConv, local_response_norm, max_pool
 from alexnet_jax.model import AlexNet
 
@@ -232,9 +232,9 @@ def test_xla_cpu_computes_bf16_convolutions_and_matmuls_in_float32():
 
 def test_forward_flops_of_the_paper_network():
     """0.724 GMAC per 224 px image (REFERENCE.md): convs and dense layers, groups counted."""
-    macs = bench.forward_flops(AlexNet(), (224, 224, 3)) / 2
+    macs = costs.forward_flops(AlexNet(), (224, 224, 3)) / 2
     assert macs == pytest.approx(0.724e9, rel=2e-3)
-    assert bench.forward_flops(AlexNet(groups=1), (224, 224, 3)) > 2 * macs  # ungrouped costs more
+    assert costs.forward_flops(AlexNet(groups=1), (224, 224, 3)) > 2 * macs  # ungrouped costs more
 
 
 def test_cpu_flags_configure_adds_the_option_once_and_respects_the_user(monkeypatch):

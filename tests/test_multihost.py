@@ -258,3 +258,24 @@ def test_two_processes_train_as_four_devices_and_resume_after_sigterm(cluster, t
     assert "| test error |" in c.out(0) and "| test error |" not in c.out(1)
     for name in ("config.json", "summary.md", "test_ledger.jsonl"):
         assert (workdir / name).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["columns", "owt"])
+def test_model_parallel_modes_run_on_two_processes(cluster, tmp_path, mode):
+    """2 processes x 2 devices under a model-parallel mode compute the steps of 1 process x 4
+    devices under 'data': the column pairs stay inside a process (columns), the dense layers
+    are split over all 4 devices across both processes (owt)."""
+    steps = ["--config.num_train_steps=6"]
+    reference = str(tmp_path / "reference")
+    assert cli.main([*RUN, *steps, "--workdir", reference]) == 0
+    workdir = tmp_path / "multi"
+    c = cluster(workdir, *steps, f"--config.parallel.mode={mode}")
+    assert [c.wait(i) for i in (0, 1)] == [0, 0], c.report()
+    multi, ref = (read_metrics(str(w)) for w in (workdir, reference))
+    assert [m["step"] for m in multi if m["split"] == "train"] == list(range(1, 7))
+    for a, b in zip(multi, ref, strict=True):
+        assert a["split"] == b["split"] and a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["split"], a["step"])
+    (test,) = [m for m in multi if m["split"] == "test"]
+    assert test["num_examples"] == 359

@@ -7,23 +7,11 @@ from hypothesis import strategies as st
 
 # The library, imported in one place.
 from alexnet_jax.data import augment, tfds_common
+from tests.test_evaluate import ten_views  # the paper's ten patches, by hand
 
 tf = tfds_common.import_tf()
 
 SCALE = 10 if settings.get_current_profile_name() == "slow" else 1
-
-
-def ten_views_reference(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2  # the centre, rounded up and to the left
-    patches = [
-        image[:size, :size],
-        image[:size, w - size :],
-        image[h - size :, :size],
-        image[h - size :, w - size :],
-        image[top : top + size, left : left + size],
-    ]
-    return np.stack(patches + [p[:, ::-1] for p in patches])
 
 
 @st.composite
@@ -57,7 +45,7 @@ def graph_ten_crops(image, size):
 @given(images())
 def test_ten_views_are_corners_centre_and_their_mirrors(case):
     image, size = case
-    expected = ten_views_reference(image, size)
+    expected = ten_views(image, size)
     eager = augment.ten_crops(tf.constant(image), size).numpy()
     np.testing.assert_array_equal(eager, expected)
     np.testing.assert_array_equal(graph_ten_crops(image, size).numpy(), expected)
@@ -68,4 +56,4 @@ def test_ten_views_are_corners_centre_and_their_mirrors(case):
 def test_the_centre_view_is_the_centre_crop(case):
     image, size = case
     centre = augment.center_crop(tf.constant(image), size).numpy()
-    np.testing.assert_array_equal(centre, ten_views_reference(image, size)[4])
+    np.testing.assert_array_equal(centre, ten_views(image, size)[4])

@@ -1,7 +1,12 @@
-"""Dropout as the model draws it: the key from (seed, step, device), the mask from nn.Dropout.
+"""Dropout as the model draws it, in both of `model.dropout_masks`' schemes.
 
-Laws: one (seed, step, device) always gives the same mask and any other one another mask;
+'device' (runs before model parallelism): the key from (seed, step, device), the mask from
+nn.Dropout. One (seed, step, device) always gives the same mask and any other one another mask;
 rate 0 is the identity; any rate in [0, 1) keeps the expectation (inverted dropout).
+
+'example' (the default): `layers.ExampleDropout`, each example's mask from its place in the
+global batch. An example's mask does not depend on which other examples share its device, and
+a slice of the neurons (a model-parallel layer's shard) gets the slice of the whole mask.
 """
 
 import chex
@@ -14,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # The library, imported in one place (train.py is being split into steps.py and others).
+from alexnet_jax.layers import ExampleDropout
 from alexnet_jax.steps import dropout_base_key, dropout_key
 
 SCALE = 10 if settings.get_current_profile_name() == "slow" else 1
@@ -129,3 +135,31 @@ class DeviceMasksTest(chex.TestCase):
         for d in range(n):
             key = jax.random.fold_in(jax.random.fold_in(base, step), d)
             np.testing.assert_array_equal(masks[d], mask(rate, key))
+
+
+def example_masks(key, ids, width=64, rate=0.5, offset=0, local=None):
+    x = jnp.ones((len(ids), width if local is None else local))
+    out = ExampleDropout(rate).apply(
+        {}, x, jnp.asarray(ids), width, offset, deterministic=False, rngs={"dropout": key}
+    )
+    return np.asarray(out) != 0
+
+
+@settings(max_examples=10 * SCALE, deadline=None)
+@given(
+    seed=seeds,
+    ids=st.lists(st.integers(0, 10_000), min_size=2, max_size=8, unique=True),
+    offset=st.integers(0, 48),
+)
+def test_an_examples_mask_is_its_own_whatever_the_batch_and_the_shard(seed, ids, offset):
+    key = jax.random.PRNGKey(seed)
+    whole = example_masks(key, ids)
+    # Another batch with the same examples in another order, split differently over devices.
+    order = list(reversed(ids))
+    again = np.concatenate([example_masks(key, order[:1]), example_masks(key, order[1:])])
+    np.testing.assert_array_equal(again[::-1], whole)
+    # A shard of 16 neurons from `offset` on is the slice of the whole mask.
+    shard = example_masks(key, ids, offset=offset, local=16)
+    np.testing.assert_array_equal(shard, whole[:, offset : offset + 16])
+    # Different examples get different masks (64 coins each: equal by chance 2**-64).
+    assert len({row.tobytes() for row in whole}) == len(ids)

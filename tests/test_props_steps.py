@@ -2,8 +2,10 @@
 jitted and pmapped (chex variants) on the quickstart network (experiments/digits.py).
 
 The steps need a named axis. Under pmap it is the device axis of 4 CPU devices, each given the
-same arguments, so the law must account for 4 different dropout masks and for psum counting
-every example 4 times. Jitted and plain calls get a vmap of one "device".
+same arguments, so the law must account for psum counting every example 4 times, and for the
+dropout masks: keyed by global example (model.dropout_masks='example'), device d's 4 examples are
+examples 4d..4d+3 of the global batch, so each device draws other masks. Jitted and plain calls
+get a vmap of one "device".
 
 Compiling the network dominates the time: the laws share one jitted reference, and the forward
 pass and the eval step share one program per variant.
@@ -83,17 +85,23 @@ def _on_devices(variant, fn):
 
 @functools.cache
 def _reference():
-    """jit((params, batch, key) -> (eval logits, train logits, loss, grads)), the training
-    half under dropout key `key`; one compilation serves every test of the module."""
+    """jit((params, batch, key, first) -> (eval logits, train logits, loss, grads)), the
+    training half under dropout key `key` with the batch as global examples first, first+1, ...;
+    one compilation serves every test of the module."""
     _, model, *_ = _setup()
 
-    def loss(params, batch, key):
-        z = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": key})
+    def loss(params, batch, key, first):
+        ids = first + jnp.arange(batch["label"].shape[0])
+        z = model.apply(
+            {"params": params}, batch["image"], train=True, rngs={"dropout": key}, example_ids=ids
+        )
         nll = -jnp.take_along_axis(jax.nn.log_softmax(z), batch["label"][:, None], -1)
         return nll.mean(), z
 
-    def reference(params, batch, key):
-        (value, train_logits), grads = jax.value_and_grad(loss, has_aux=True)(params, batch, key)
+    def reference(params, batch, key, first=0):
+        (value, train_logits), grads = jax.value_and_grad(loss, has_aux=True)(
+            params, batch, key, first
+        )
         eval_logits = model.apply({"params": params}, batch["image"], train=False)
         return eval_logits, train_logits, value, grads
 
@@ -123,10 +131,12 @@ def _check_train_step(variant):
     rng = dropout_base_key(config.seed)
     new, metrics = jax.device_get(fn(state, batch, rng))
 
-    # The law: device d drops with key fold_in(fold_in(rng, step), d); the gradients are
-    # averaged over the devices; then one step of the paper's rule with lr = schedule * plateau.
-    keys = [jax.random.fold_in(jax.random.fold_in(rng, state.step), d) for d in range(n)]
-    _, _, losses, grads = zip(*[_reference()(state.params, batch, k) for k in keys], strict=True)
+    # The law: the key is fold_in(rng, step) and device d's examples are the global batch's
+    # 4d..4d+3; the gradients are averaged over the devices; then one step of the paper's rule
+    # with lr = schedule * plateau.
+    key, local = jax.random.fold_in(rng, state.step), len(batch["label"])
+    runs = [_reference()(state.params, batch, key, d * local) for d in range(n)]
+    _, _, losses, grads = zip(*runs, strict=True)
     grad = jax.tree_util.tree_map(lambda *g: np.mean(np.asarray(g, np.float64), 0), *grads)
     lr = float(schedule(int(state.step))) * 0.5
     m, wd = config.optim.momentum, config.optim.weight_decay

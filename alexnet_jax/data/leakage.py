@@ -134,14 +134,8 @@ def num_leaked(pairs: Sequence[dict[str, str]]) -> int:
     return len({(p["split_b"], p["id_b"]) for p in pairs})
 
 
-def _primary() -> bool:
-    import jax  # lazily: the data modules stay importable without initialising JAX
-
-    return jax.process_index() == 0
-
-
-def check(source: Any, workdir: str | os.PathLike, on_leakage: str = "warn") -> int:
-    """Hashes the source's splits, prints one line, writes `<workdir>/leakage.csv`.
+def check(source: Any, run_dir: str | os.PathLike, on_leakage: str = "warn") -> int:
+    """Hashes the source's splits, prints one line, writes `<run_dir>/leakage.csv`.
 
     Returns the number of examples that are exact copies of an example of an earlier split (0:
     clean). With on_leakage='refuse' and copies found, raises UsageError (exit 2) after writing
@@ -153,8 +147,8 @@ def check(source: Any, workdir: str | os.PathLike, on_leakage: str = "warn") -> 
     content_hashes = getattr(source, "content_hashes", None)
     hashes: Hashes = content_hashes() if content_hashes is not None else {}
     pairs = find_duplicates(hashes)
-    path = os.path.join(os.fspath(workdir), LEAKAGE_FILE)
-    primary = _primary()
+    path = os.path.join(os.fspath(run_dir), LEAKAGE_FILE)
+    primary = workdir.is_primary()
     if primary:
         write_leakage_csv(path, pairs)
     total = sum(len(v) for v in hashes.values())
