@@ -194,7 +194,8 @@ class _Loop:
         """Raises NonFiniteError naming the first step whose loss or gradient was not finite."""
         if not self._unchecked:
             return
-        flags = jax.device_get([flag for _, flag in self._unchecked])
+        # Read as the plan reads metrics: a model-parallel flag spans every process's devices.
+        flags = [self.steps.plan.get_metrics(flag) for _, flag in self._unchecked]
         bad = [s for (s, _), ok in zip(self._unchecked, flags, strict=True) if not np.all(ok)]
         self._unchecked = []
         if bad:
