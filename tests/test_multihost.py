@@ -258,3 +258,26 @@ def test_two_processes_train_as_four_devices_and_resume_after_sigterm(cluster, t
     assert "| test error |" in c.out(0) and "| test error |" not in c.out(1)
     for name in ("config.json", "summary.md", "test_ledger.jsonl"):
         assert (workdir / name).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_skip_a_damaged_checkpoint_together(cluster, tmp_path):
+    """Both processes resume from the same older step; process 0 alone moves the damaged one
+    aside, after every process has stopped reading it; the run finishes."""
+    from tests.test_damage import TINY, _flip_a_byte
+
+    workdir, args = tmp_path / "w", [*TINY, "--config.num_train_steps=2"]
+    args.append("--config.checkpoint_every_steps=1")
+    c = cluster(workdir, *args)
+    assert [c.wait(i) for i in (0, 1)] == [0, 0], c.report()
+    _flip_a_byte(workdir / "checkpoints" / "2")
+
+    c = cluster(workdir, *args)  # the same command again
+    assert [c.wait(i) for i in (0, 1)] == [0, 0], c.report()
+    for i in (0, 1):
+        assert "checkpoint 2 is damaged" in c.out(i), c.report()
+        assert "resuming from step 1 instead" in c.out(i), c.out(i)
+    assert f"Resuming {workdir} from step 1 of 2." in c.out(0)
+    assert os.listdir(workdir / "damaged_checkpoints") == ["2"]
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [1, 2]
+    assert [m["step"] for m in read_metrics(str(workdir)) if m["split"] == "train"] == [1, 2]
