@@ -72,6 +72,10 @@ def _delete_half(step_dir):
 DAMAGE = {
     "flipped byte in an array": _flip_a_byte,
     "garbage state/_METADATA": lambda d: _garbage(f"{d}/state/_METADATA"),
+    "truncated state/_METADATA": lambda d: _truncate(f"{d}/state/_METADATA"),
+    "truncated array file": lambda d: _truncate(
+        max(glob.glob(f"{d}/state/**/d/*", recursive=True), key=os.path.getsize)
+    ),
     "truncated meta/metadata": lambda d: _truncate(f"{d}/meta/metadata"),
     "no state item": lambda d: shutil.rmtree(f"{d}/state"),
     "half the array files deleted": _delete_half,
@@ -88,7 +92,15 @@ def _resume(path):
         ckpt.close()
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+# These two take the paths of the garbage _METADATA and the flipped byte: slow-only, so that the
+# default suite pays for each kind of damage once.
+SLOW_DAMAGE = ("truncated state/_METADATA", "truncated array file")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DAMAGE else d for d in DAMAGE],
+)
 def test_a_damaged_checkpoint_is_skipped_for_the_newest_one_that_verifies(
     trained, tmp_path, capsys, damage
 ):
