@@ -122,16 +122,27 @@ class Checkpointer:
                 raise DamagedCheckpoint(step, f"{bad[0]} does not match its saved digest")
         return restored
 
-    def move_aside(self, step: int, workdir_path: str) -> str:
-        """Moves a damaged checkpoint out of the way (kept, for a look), so that the run can
-        write that step again; returns where it went."""
-        target = os.path.join(workdir_path, workdir.DAMAGED, str(step))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if os.path.exists(target):
-            target += f".{os.getpid()}"
-        os.replace(os.path.join(self.directory, str(step)), target)
+    def move_aside(self, steps: list[int], workdir_path: str) -> str | None:
+        """Moves damaged checkpoints out of the way (kept, for a look), so that the run can
+        write those steps again; returns where they went (None on the other processes).
+
+        Only process 0 moves, and only once every process has stopped reading them (the caller
+        agrees on the step to resume from, a collective that each process reaches after its
+        own restore); the others wait for the move before their manager reads the directory
+        again, or it would still list the moved steps and refuse to save them.
+        """
+        moved = None
+        if workdir.is_primary():
+            moved = os.path.join(workdir_path, workdir.DAMAGED)
+            os.makedirs(moved, exist_ok=True)
+            for step in steps:
+                target = os.path.join(moved, str(step))
+                if os.path.exists(target):  # damaged before, on an earlier resume
+                    target += f".{os.getpid()}"
+                os.replace(os.path.join(self.directory, str(step)), target)
+        _barrier("alexnet_jax: damaged checkpoints moved aside")
         self._manager.reload()
-        return target
+        return moved
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._manager.latest_step() if step is None else step
@@ -234,38 +245,65 @@ def resume(
         return 0, state
     skipped: list[DamagedCheckpoint] = []
     for step in steps:
+        restored, damage = None, None
         try:
             meta = ckpt.restore_meta(step)
         except Exception as e:
-            skipped.append(DamagedCheckpoint(step, _first_line(e)))
-            continue
-        compat.require_same(
-            meta["config"],
-            config,
-            "resume",
-            f"{workdir_path} holds a run with a different config; refusing to resume it",
-            "use another --workdir or the original config",
+            damage = DamagedCheckpoint(step, _first_line(e))
+        else:
+            compat.require_same(
+                meta["config"],
+                config,
+                "resume",
+                f"{workdir_path} holds a run with a different config; refusing to resume it",
+                "use another --workdir or the original config",
+            )
+            if total_steps is not None:
+                _check_length(meta, config, step, total_steps, workdir_path)
+            try:
+                restored = ckpt.restore(state, step)
+            except DamagedCheckpoint as e:
+                damage = e
+        damage = _agree(step, damage)
+        if damage is None:
+            break
+        skipped.append(damage)  # newer than the one that restores: damaged, not incompatible
+    else:
+        raise UsageError(
+            f"no checkpoint in {ckpt.directory} can be restored: {'; '.join(map(str, skipped))}"
         )
-        if total_steps is not None:
-            _check_length(meta, config, step, total_steps, workdir_path)
-        try:
-            restored = ckpt.restore(state, step)
-        except DamagedCheckpoint as e:
-            skipped.append(e)
-            continue
-        for bad in skipped:  # newer than the one that restores: damaged, not incompatible
-            where = ckpt.move_aside(bad.step, workdir_path) if _single_process() else "kept"
+    if skipped:
+        moved = ckpt.move_aside([bad.step for bad in skipped], workdir_path)
+        where = f"moved to {moved}" if moved else "moved aside by process 0"
+        for bad in skipped:
             print(f"warning: {bad}; resuming from step {step} instead ({where})", flush=True)
-        return step, restored
-    raise UsageError(
-        f"no checkpoint in {ckpt.directory} can be restored: {'; '.join(map(str, skipped))}"
-    )
+    return step, restored
 
 
-def _single_process() -> bool:
+def _agree(step: int, damage: DamagedCheckpoint | None) -> DamagedCheckpoint | None:
+    """The verdict of all processes on checkpoint `step`: damaged for every one of them if any
+    could not restore it, so that all resume from the same step (a collective)."""
     import jax
 
-    return jax.process_count() == 1
+    if jax.process_count() == 1:
+        return damage
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    restored = multihost_utils.process_allgather(np.int32(damage is None))
+    if damage is None and not restored.all():
+        failed = int(np.argmin(restored))
+        damage = DamagedCheckpoint(step, f"it does not restore or verify on process {failed}")
+    return damage
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _check_length(

@@ -146,7 +146,10 @@ def run(argv: Sequence[str]) -> int:
         return 0
     if args.mode in ("eval", "test") and not os.path.isdir(workdir):
         raise UsageError(f"no workdir {workdir}: train first")
-    with locked(workdir, required=False):
+    # eval and predict only read: a read-only copy of a finished run can still be scored (eval
+    # prints its result even where it cannot log it). test must record its one look at the test
+    # split, and filters writes its PNG, so they need the workdir writable, like training.
+    with locked(workdir, required=args.mode in ("test", "filters")):
         return run_mode(args, config, workdir)
 
 

@@ -72,6 +72,10 @@ def _delete_half(step_dir):
 DAMAGE = {
     "flipped byte in an array": _flip_a_byte,
     "garbage state/_METADATA": lambda d: _garbage(f"{d}/state/_METADATA"),
+    "truncated state/_METADATA": lambda d: _truncate(f"{d}/state/_METADATA"),
+    "truncated array file": lambda d: _truncate(
+        max(glob.glob(f"{d}/state/**/d/*", recursive=True), key=os.path.getsize)
+    ),
     "truncated meta/metadata": lambda d: _truncate(f"{d}/meta/metadata"),
     "no state item": lambda d: shutil.rmtree(f"{d}/state"),
     "half the array files deleted": _delete_half,
@@ -88,7 +92,15 @@ def _resume(path):
         ckpt.close()
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+# These two take the paths of the garbage _METADATA and the flipped byte: slow-only, so that the
+# default suite pays for each kind of damage once.
+SLOW_DAMAGE = ("truncated state/_METADATA", "truncated array file")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DAMAGE else d for d in DAMAGE],
+)
 def test_a_damaged_checkpoint_is_skipped_for_the_newest_one_that_verifies(
     trained, tmp_path, capsys, damage
 ):
@@ -205,3 +217,89 @@ def test_a_full_disk_stops_at_the_first_failed_save_with_one_line(small_disk, ca
     assert not glob.glob(str(small_disk / "w" / "checkpoints" / "*tmp*"))
     kept = int(err[0].split("checkpoint ")[-1].split(" ")[0])
     assert kept in checkpoint.Checkpointer(str(small_disk / "w")).all_steps()
+
+
+def _simulate_read_only(monkeypatch, root):
+    """EROFS for every write under `root` (the seam: Python's open and makedirs), for machines
+    where a test cannot mount a read-only file system."""
+    import builtins
+    import errno
+
+    root = os.path.abspath(root)
+    real_open, real_makedirs = builtins.open, os.makedirs
+
+    def under(file):
+        return isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(root)
+
+    def erofs(file):
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(file))
+
+    def open_(file, mode="r", *args, **kwargs):
+        if under(file) and any(c in mode for c in "wax+"):
+            raise erofs(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def makedirs(name, *args, **kwargs):
+        if under(name) and not os.path.isdir(name):
+            raise erofs(name)
+        return real_makedirs(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+
+
+@pytest.fixture(params=["mounted", "simulated"])
+def read_only_run(request, trained, tmp_path, monkeypatch):
+    """The finished run seen through a read-only file system: a read-only bind mount where the
+    test may mount (root, as in CI), else EROFS injected at the seam."""
+    import subprocess
+
+    view = tmp_path / "ro"
+    if request.param == "simulated":
+        shutil.copytree(trained, view)  # a copy: a write the seam misses lands in no shared run
+        _simulate_read_only(monkeypatch, view)
+        yield view
+        return
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(trained), str(view)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root); the simulated variant still runs")
+    try:
+        remount = ["mount", "-o", "remount,ro,bind", str(view)]
+        if subprocess.run(remount, capture_output=True).returncode:
+            pytest.skip("cannot remount a bind mount read-only here")
+        with pytest.raises(OSError, match="Read-only"):
+            open(view / "probe", "w")
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=False)
+
+
+def test_a_read_only_workdir_is_refused_for_writing_and_still_scored(
+    read_only_run, monkeypatch, capsys
+):
+    from alexnet_jax import train
+
+    logged = (read_only_run / workdir.METRICS).read_bytes()
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("reached training"))
+    for mode in ("train", "test"):  # the test split's one look must be recorded: not here
+        argv = [*RUN, "--workdir", str(read_only_run), "--mode", mode, "--force_test"]
+        assert cli.main(argv) == 2, mode
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot write to the workdir") and err.count("\n") == 1, err
+        assert "Read-only file system" in err
+    assert cli.main([*RUN, "--workdir", str(read_only_run / "new"), "--mode", "train"]) == 2
+    assert "cannot write to the workdir" in capsys.readouterr().err
+
+    assert cli.main([*RUN, "--workdir", str(read_only_run), "--mode", "eval"]) == 0
+    out, err = capsys.readouterr()
+    assert "step 4 val:" in out and "[latest checkpoint]" in out
+    assert err == f"warning: the result was not logged in {read_only_run} (Read-only file system)\n"
+    assert (read_only_run / workdir.METRICS).read_bytes() == logged
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "w").write_text("")
+    for mode, message in (("train", "is a file, not a directory"), ("eval", "no workdir")):
+        assert cli.main([*RUN, "--workdir", str(tmp_path / "w"), "--mode", mode]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -279,3 +279,25 @@ def test_model_parallel_modes_run_on_two_processes(cluster, tmp_path, mode):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["split"], a["step"])
     (test,) = [m for m in multi if m["split"] == "test"]
     assert test["num_examples"] == 359
+
+
+def test_two_processes_skip_a_damaged_checkpoint_together(cluster, tmp_path):
+    """Both processes resume from the same older step; process 0 alone moves the damaged one
+    aside, after every process has stopped reading it; the run finishes."""
+    from tests.test_damage import TINY, _flip_a_byte
+
+    workdir, args = tmp_path / "w", [*TINY, "--config.num_train_steps=2"]
+    args.append("--config.checkpoint_every_steps=1")
+    c = cluster(workdir, *args)
+    assert [c.wait(i) for i in (0, 1)] == [0, 0], c.report()
+    _flip_a_byte(workdir / "checkpoints" / "2")
+
+    c = cluster(workdir, *args)  # the same command again
+    assert [c.wait(i) for i in (0, 1)] == [0, 0], c.report()
+    for i in (0, 1):
+        assert "checkpoint 2 is damaged" in c.out(i), c.report()
+        assert "resuming from step 1 instead" in c.out(i), c.out(i)
+    assert f"Resuming {workdir} from step 1 of 2." in c.out(0)
+    assert os.listdir(workdir / "damaged_checkpoints") == ["2"]
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [1, 2]
+    assert [m["step"] for m in read_metrics(str(workdir)) if m["split"] == "train"] == [1, 2]
