@@ -220,6 +220,36 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
     np.testing.assert_array_equal(*labels)
 
 
+def test_the_raw_copy_holds_exactly_the_pixels_and_streams_them(ilsvrc, tmp_path):
+    """storage='raw': each image is the uint8 central square, stored as one bytes string (not
+    196,608 varints) and streamed to the device path unchanged."""
+    _, c, _ = ilsvrc
+    data = config(c.data.data_dir, c.data.manual_dir, prepare_storage="raw").data
+    path = prepare.prepare_copy(data, str(tmp_path))
+    copy = tfds.builder_from_directory(str(path))
+    assert copy.info.features["image"].get_serialized_info().shape == ()  # one bytes string
+    original = tfds.builder("imagenet2012", data_dir=c.data.data_dir)
+    skip = {"image": tfds.decode.SkipDecoding()}
+    jpegs = {
+        ex["file_name"]: ex["image"]
+        for ex in tfds.as_numpy(original.as_dataset(split="validation", decoders=skip))
+    }
+    for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
+        square = augment.decode_and_resize(tf.constant(jpegs[ex["file_name"]]), 32).numpy()
+        np.testing.assert_array_equal(ex["image"], square)
+    source = ImageNetSource(
+        config(
+            c.data.data_dir,
+            c.data.manual_dir,
+            prepared_dir=str(tmp_path),
+            prepare_storage="raw",
+            augment_on="device",
+        )
+    )
+    batch = next(source.train_batches(B, seed=0))
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (B, 32, 32, 3)
+
+
 def test_prepared_dir_without_copy_raises(ilsvrc, tmp_path):
     _, c, _ = ilsvrc
     with pytest.raises(DataNotFoundError, match=r"alexnet_jax\.data\.prepare"):
