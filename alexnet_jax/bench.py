@@ -41,7 +41,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,12 +57,6 @@ from alexnet_jax.parallel import PLANS
 
 # torch_reference.MODES, without importing PyTorch (optional) to check a command line.
 TORCH_MODES = ("eager", "compile", "bf16", "compile_bf16")
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def jax_runner(config: ml_collections.ConfigDict) -> Callable[[], None]:
@@ -136,7 +129,7 @@ def interleave(
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(steps):
         for name, run in runners.items():
-            times[name].append(_timed(run))
+            times[name].append(costs.seconds(run))
     return times
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax.model import AlexNet, feature_sizes
+from alexnet_jax.model_parallel import owt_layout
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 _KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -67,11 +69,12 @@ def matmul_peak_gflops(dtype: Any = jnp.float32, n: int = 2048, reps: int = 8) -
     b = jax.random.normal(kb, (n, n), dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
-    best = min(_seconds(lambda: f(a, b).block_until_ready()) for _ in range(reps))
+    best = min(seconds(lambda: f(a, b).block_until_ready()) for _ in range(reps))
     return 2.0 * n**3 / best / 1e9
 
 
-def _seconds(fn: Any) -> float:
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call of `fn`."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -164,12 +167,11 @@ def implied(model: Any, params: Any, image_size: int, batch: int, mode: str, dev
         local = batch // devices
         features = sizes["pool5"] ** 2 * c[4]
         out = gather(local * features, devices)  # the conv features, over the batch
+        split = owt_layout(model.dense_features, model.num_classes, devices).split
         widths = {"fc6": model.dense_features, "fc7": model.dense_features}
         widths["fc8"] = model.num_classes
-        whole = [k for k, w in widths.items() if w % devices]
-        for layer, width in widths.items():
-            if layer not in whole:
-                out += gather(batch * width / devices, devices)
-        replicated = sum(v for k, v in layer_size.items() if k not in widths or k in whole)
+        for layer in split:
+            out += gather(batch * widths[layer] / devices, devices)
+        replicated = sum(v for k, v in layer_size.items() if k not in split)
         return out + allreduce(replicated, devices)
     raise ValueError(mode)

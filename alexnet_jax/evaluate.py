@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from alexnet_jax import checkpoint, compat, records, steps, workdir
+from alexnet_jax import checkpoint, compat, model_parallel, records, steps, workdir
 from alexnet_jax.data import make_source
 from alexnet_jax.data.device_augment import make_preprocess
 from alexnet_jax.errors import UsageError
@@ -103,8 +103,7 @@ def score(
 ) -> Any:
     """`steps.evaluate` (padded, masked, exact) with the eval step alone."""
     device = make_preprocess(source.info.device_augment, config.seed, config.eval.crops)
-    mode = config.get("parallel", {}).get("mode", "data")
-    run = steps.eval_steps(from_config(config.model), mode, device)
+    run = steps.eval_steps(from_config(config.model), model_parallel.mode_of(config), device)
     placed = run.plan.put_state(params)
     try:
         return steps.evaluate(run, placed, source, split, config, return_confusion=return_confusion)

@@ -108,6 +108,11 @@ class Layout:
         return lax.psum(split, self.model_axis) + whole
 
 
+def mode_of(config: ml_collections.ConfigDict) -> str:
+    """`parallel.mode` ('data' where a config has no parallel block)."""
+    return config.get("parallel", {}).get("mode", "data")
+
+
 def columns_layout() -> Layout:
     return Layout("columns", COLUMN_AXIS, COLUMNS, frozenset(CONV_LAYERS + DENSE_LAYERS))
 
@@ -130,7 +135,7 @@ def layout_for(mode: str, model: Any, devices: int) -> Layout | None:
 
 def check(config: ml_collections.ConfigDict, num_devices: int) -> str | None:
     """A one-line reason why `parallel.mode` cannot run this model, or None."""
-    mode = config.get("parallel", {}).get("mode", "data")
+    mode = mode_of(config)
     if mode == "data":
         return None
     m = config.model

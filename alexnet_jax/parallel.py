@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import chex
@@ -99,8 +99,12 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
-def prefetch(batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterator[dict[str, Any]]:
-    """Shards batches onto the devices `size` steps ahead of their use.
+def prefetch(
+    batches: Iterable[dict[str, np.ndarray]],
+    size: int = 2,
+    put: Callable[[dict[str, Any]], dict[str, jax.Array]] = shard,
+) -> Iterator[dict[str, Any]]:
+    """Places batches on the devices (`put`: a plan's layout) `size` steps ahead of their use.
 
     `device_put` is asynchronous, so the copy of batch t+1 overlaps the step on batch t (Flax's
     `prefetch_to_device` does the same; 2 is enough to hide the copy on a GPU).
@@ -108,11 +112,11 @@ def prefetch(batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterato
     queue: collections.deque = collections.deque()
     it = iter(batches)
     for batch in itertools.islice(it, size):
-        queue.append(shard(batch))
+        queue.append(put(batch))
     while queue:
         yield queue.popleft()
         for batch in itertools.islice(it, 1):
-            queue.append(shard(batch))
+            queue.append(put(batch))
 
 
 class DataPlan:
@@ -189,22 +193,17 @@ class MeshPlan:
         return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
     def prefetch(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        def put(batch: dict[str, Any]) -> dict[str, jax.Array]:
-            return {k: self._put_batch(v) for k, v in batch.items()}
+        return prefetch(batches, put=self._put_batch)
 
-        queue: collections.deque = collections.deque()
-        it = iter(batches)
-        for batch in itertools.islice(it, 2):  # as `prefetch`: the copy overlaps the step
-            queue.append(put(batch))
-        while queue:
-            yield queue.popleft()
-            for batch in itertools.islice(it, 1):
-                queue.append(put(batch))
+    def _put_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """A process's host batch -> global arrays split over the data axis."""
 
-    def _put_batch(self, x: Any) -> jax.Array:
-        if isinstance(x, jax.Array):  # made on the devices already (the synthetic source)
-            return jax.device_put(x.reshape((-1, *x.shape[2:])), self.batch_sharding)
-        return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x))
+        def put(x: Any) -> jax.Array:
+            if isinstance(x, jax.Array):  # made on the devices already (the synthetic source)
+                return jax.device_put(x.reshape((-1, *x.shape[2:])), self.batch_sharding)
+            return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x))
+
+        return {k: put(v) for k, v in batch.items()}
 
 
 # parallel.mode -> its plan; steps.WRAPPERS holds how each wraps the steps.

@@ -225,8 +225,13 @@ def _shard_map_steps(plan: Plan, train: Callable | None, evaluate_: Callable) ->
     def run_train(state: TrainState, batch: dict[str, Array], rng: Array) -> Any:
         assert train is not None
         spec = plan.specs(state)
+
+        def step(*args: Any) -> Any:
+            new_state, metrics = train(*args)
+            return new_state, per_copy(metrics)
+
         mapped = jax.shard_map(
-            lambda *a: (lambda s, m: (s, per_copy(m)))(*train(*a)),
+            step,
             mesh=plan.mesh,
             in_specs=(spec, P(AXIS), P()),
             out_specs=(spec, copies),
@@ -381,6 +386,6 @@ def build(
         config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
     state, tx = create_state(config, model, info.image_shape)
-    plan = plan_for(config.get("parallel", {}).get("mode", "data"), model)
+    plan = plan_for(model_parallel.mode_of(config), model)
     preprocess = make_preprocess(info.device_augment, config.seed, config.eval.crops)
     return state, make_steps(model, plan, tx, schedule, preprocess), steps_per_epoch, total_steps

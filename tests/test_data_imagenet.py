@@ -187,6 +187,20 @@ def test_processes_get_disjoint_shards(ilsvrc, monkeypatch):
     assert len(seen_train[0]) == len(seen_train[1]) == 9 and not seen_train[0] & seen_train[1]
 
 
+def _stored_and_expected(c, copy):
+    """(image in the copy, the central square at data.resize_size that decode_and_resize makes
+    from the original JPEG) for each validation image."""
+    original = tfds.builder("imagenet2012", data_dir=c.data.data_dir)
+    skip = {"image": tfds.decode.SkipDecoding()}
+    jpegs = {
+        ex["file_name"]: ex["image"]
+        for ex in tfds.as_numpy(original.as_dataset(split="validation", decoders=skip))
+    }
+    for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
+        jpeg = tf.constant(jpegs[ex["file_name"]])
+        yield ex["image"], augment.decode_and_resize(jpeg, c.data.resize_size).numpy()
+
+
 def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
     _, c, full = ilsvrc
     out, path = prepared
@@ -199,19 +213,10 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
             for b in (original, copy)
         ]
         assert names[0] == names[1]  # so split strings like train[:80%] name the same images
-    # The central square at data.resize_size (256 in the recipe, 32 here), as decode_and_resize
-    # makes it from the original.
     side = c.data.resize_size
-    originals = {
-        ex["file_name"]: ex["image"]
-        for ex in tfds.as_numpy(
-            original.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
-        )
-    }
-    for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
-        assert ex["image"].shape == (side, side, 3)
-        square = augment.decode_and_resize(tf.constant(originals[ex["file_name"]]), side).numpy()
-        assert np.abs(ex["image"].astype(float) - square).mean() < 3  # JPEG q90 round trip
+    for stored, square in _stored_and_expected(c, copy):
+        assert stored.shape == (side, side, 3)
+        assert np.abs(stored.astype(float) - square).mean() < 3  # JPEG q90 round trip
     with caplog.at_level(logging.INFO):
         source = ImageNetSource(config(c.data.data_dir, c.data.manual_dir, prepared_dir=str(out)))
     assert "prepared copy" in caplog.text
@@ -228,15 +233,8 @@ def test_the_raw_copy_holds_exactly_the_pixels_and_streams_them(ilsvrc, tmp_path
     path = prepare.prepare_copy(data, str(tmp_path))
     copy = tfds.builder_from_directory(str(path))
     assert copy.info.features["image"].get_serialized_info().shape == ()  # one bytes string
-    original = tfds.builder("imagenet2012", data_dir=c.data.data_dir)
-    skip = {"image": tfds.decode.SkipDecoding()}
-    jpegs = {
-        ex["file_name"]: ex["image"]
-        for ex in tfds.as_numpy(original.as_dataset(split="validation", decoders=skip))
-    }
-    for ex in tfds.as_numpy(random_access.as_dataset(copy, "validation")):
-        square = augment.decode_and_resize(tf.constant(jpegs[ex["file_name"]]), 32).numpy()
-        np.testing.assert_array_equal(ex["image"], square)
+    for stored, square in _stored_and_expected(c, copy):
+        np.testing.assert_array_equal(stored, square)
     source = ImageNetSource(
         config(
             c.data.data_dir,
