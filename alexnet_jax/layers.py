@@ -46,12 +46,62 @@ def local_response_norm(
     paper's two GPUs each normalised their own column's maps (model.lrn_per_column).
 
     The windowed sum is a matmul with a banded 0/1 matrix: on CPUs and GPUs a small dense matmul
-    over channels is much faster than a `reduce_window` over a window of 5 channels.
+    over channels is much faster than a `reduce_window` over a window of 5 channels. The
+    gradient is written out (`_lrn_bwd`) so that it reuses the forward's t ** -beta instead of
+    autodiff's second `pow`, and beta = 0.75 (the paper's) is rsqrt(t) * sqrt(rsqrt(t)): XLA:CPU's
+    `pow` is exp(log) per element, and the two `pow`s were most of LRN's time.
     """
     scale = alpha / size if scale_alpha_by_size else alpha
+    # The power's form is chosen here, where beta is still a number (it may be traced below).
+    form = beta if isinstance(beta, (int, float)) and beta in _POWERS else None
+    return _lrn(x, k, scale, beta, size, groups, form)
+
+
+def _power(t: Array, beta: Any, form: float | None) -> Array:
+    """t ** -beta; the paper's 0.75 (and 0.5) without `pow`, which XLA:CPU computes as exp(log)."""
+    if form == 0.75:
+        r = lax.rsqrt(t)
+        return r * jnp.sqrt(r)
+    if form == 0.5:
+        return lax.rsqrt(t)
+    return lax.pow(t, -jnp.asarray(beta, dtype=t.dtype))
+
+
+_POWERS = (0.75, 0.5)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lrn(x: Array, k: Any, scale: Any, beta: Any, size: int, groups: int, form: Any) -> Array:
+    return _lrn_fwd(x, k, scale, beta, size, groups, form)[0]
+
+
+def _lrn_fwd(x, k, scale, beta, size, groups, form):
     band = _channel_band(x.shape[-1], size, groups, x.dtype)
-    t = k + scale * jnp.matmul(jnp.square(x), band)
-    return x * lax.pow(t, jnp.asarray(-beta, dtype=x.dtype))
+    window = jnp.matmul(jnp.square(x), band)
+    t = k + scale * window
+    s = _power(t, beta, form)
+    return x * s, (x, window, t, s, k, scale, beta)
+
+
+def _lrn_bwd(size, groups, form, residuals, g):
+    # y_i = x_i t_i^-b with t_i = k + scale * sum_{j in w(i)} x_j^2, so
+    # dx_j = g_j t_j^-b - 2 b scale x_j sum_{i: j in w(i)} g_i x_i t_i^(-b-1); the hyper-parameters'
+    # cotangents are there for completeness (XLA drops them when unused, as in training).
+    x, window, t, s, k, scale, beta = residuals
+    band = _channel_band(x.shape[-1], size, groups, x.dtype)
+    q = g * x * s / t  # g_i x_i t_i^(-b-1)
+    dx = g * s - (2 * beta * scale) * x * jnp.matmul(q, band.T)
+    dk = -beta * jnp.sum(q)
+    dscale = -beta * jnp.sum(q * window)
+    dbeta = -jnp.sum(g * x * s * jnp.log(t))
+
+    def like(value, ct):
+        return jnp.asarray(ct, jnp.result_type(value)).reshape(jnp.shape(value))
+
+    return dx.astype(x.dtype), like(k, dk), like(scale, dscale), like(beta, dbeta)
+
+
+_lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
 def _channel_band(channels: int, size: int, groups: int, dtype: Any) -> Array:

@@ -90,6 +90,22 @@ def test_lrn_value_and_gradient_equal_the_plain_form(beta, channels, size):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_lrn_gradient_in_its_hyper_parameters_equals_the_plain_form():
+    # The written-out gradient also covers k, alpha and beta (traced, as a sweep could pass them).
+    x = jax.random.normal(jax.random.key(2), (2, 3, 3, 8)) * 20.0
+    g = jax.random.normal(jax.random.key(3), x.shape)
+
+    def grads(f):
+        return jax.grad(lambda k, a, b: jnp.sum(f(x, k, a, b) * g), argnums=(0, 1, 2))(
+            2.0, 1e-3, 0.75
+        )
+
+    got = grads(lambda x, k, a, b: local_response_norm(x, size=5, k=k, alpha=a, beta=b))
+    want = grads(lambda x, k, a, b: _lrn_plain(x, 5, k, a, b))
+    for u, v in zip(got, want, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4)
+
+
 def test_lrn_gradient_matches_finite_differences():
     x = np.random.default_rng(3).normal(0, 30, (1, 1, 2, 7))
     f = lambda x: local_response_norm(x, size=5, k=2.0, alpha=1e-3, beta=0.75)  # noqa: E731
