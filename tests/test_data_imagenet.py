@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax.data import augment, prepare, random_access, tfds_common
+from alexnet_jax.data.base import epoch_permutation
 from alexnet_jax.data.imagenet import ImageNetSource
 from alexnet_jax.errors import DataNotFoundError
 from experiments.imagenet import get_config
@@ -225,14 +226,25 @@ def test_prepared_copy_keeps_order_and_is_used(ilsvrc, prepared, caplog):
     np.testing.assert_array_equal(*labels)
 
 
-def test_the_raw_copy_holds_exactly_the_pixels_and_streams_them(ilsvrc, tmp_path):
+@pytest.mark.parametrize("encoding", ["bytes", "varints"])
+def test_the_raw_copy_holds_exactly_the_pixels_and_streams_them(
+    ilsvrc, tmp_path, monkeypatch, encoding
+):
     """storage='raw': each image is the uint8 central square, stored as one bytes string (not
-    196,608 varints) and streamed to the device path unchanged."""
+    196,608 varints; copies written before that still read) and streamed to the device path
+    unchanged: the batch of step 0 is the stored pixels and labels of the epoch's first records."""
     _, c, _ = ilsvrc
+    if encoding == "varints":  # what `prepare --storage raw` wrote before Encoding.BYTES
+        monkeypatch.setattr(
+            prepare,
+            "image_feature",
+            lambda storage, size: tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+        )
     data = config(c.data.data_dir, c.data.manual_dir, prepare_storage="raw").data
     path = prepare.prepare_copy(data, str(tmp_path))
     copy = tfds.builder_from_directory(str(path))
-    assert copy.info.features["image"].get_serialized_info().shape == ()  # one bytes string
+    one_string = copy.info.features["image"].get_serialized_info().shape == ()
+    assert one_string == (encoding == "bytes")
     for stored, square in _stored_and_expected(c, copy):
         np.testing.assert_array_equal(stored, square)
     source = ImageNetSource(
@@ -246,6 +258,10 @@ def test_the_raw_copy_holds_exactly_the_pixels_and_streams_them(ilsvrc, tmp_path
     )
     batch = next(source.train_batches(B, seed=0))
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (B, 32, 32, 3)
+    records = copy.as_data_source(split=c.data.train_split)
+    first = epoch_permutation(len(records), 0, 0)[:B]
+    np.testing.assert_array_equal(batch["image"], np.stack([records[i]["image"] for i in first]))
+    np.testing.assert_array_equal(batch["label"], [records[i]["label"] for i in first])
 
 
 def test_prepared_dir_without_copy_raises(ilsvrc, tmp_path):

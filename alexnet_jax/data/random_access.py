@@ -37,9 +37,12 @@ def train_stream(
     """The infinite training stream from step `start_step` on.
 
     `source` is a random-access sequence of serialized examples (a TFDS data source read with
-    `DeserializeMethod.RAW_BYTES`) and `parse` turns one into `(image, label)` inside tf.data
-    (encoded bytes or uint8 pixels). Python only looks records up, one batch per call; parsing
-    and decoding run in tf.data's parallel map, off the GIL.
+    `DeserializeMethod.RAW_BYTES`) and `parse` turns a [batch] vector of them into `(images,
+    labels)` inside tf.data, in one op (`raw_source_and_parser`): encoded bytes, or uint8 pixels
+    for the raw copy. Python only looks records up, one batch per call; the per-example work
+    (JPEG decode, host augmentation) runs in tf.data's parallel map, off the GIL. A raw copy
+    augmented on the device has no per-example work: its batches go from the records to the
+    device without being split into examples (what made it slower than the JPEG copy before).
     """
     tf = import_tf()
     pid, count = process_index_count()
@@ -63,17 +66,22 @@ def train_stream(
             step += 1
 
     signature = (tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([batch_size], tf.string))
-    ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
+    ds = tf.data.Dataset.from_generator(records, output_signature=signature)
+    ds = ds.map(lambda slots, serialized: (slots, *parse(serialized)))
     base_seed = tf.constant([seed, pid], tf.int64)
 
-    def one(slot, serialized):
-        image, label = parse(serialized)
+    def one(slot, image, label):
         if cfg.augment_on == "device":
             return augment.decode_and_resize(image, cfg.resize_size, cfg.resize_antialias), label
         example_seed = tf.random.experimental.stateless_fold_in(base_seed, slot)
         return (*augment.train_parts(image, example_seed, cfg), label)
 
-    ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
+    raw_on_device = cfg.augment_on == "device" and ds.element_spec[1].dtype == tf.uint8
+    if raw_on_device and ds.element_spec[1].shape[1:3] == (cfg.resize_size, cfg.resize_size):
+        ds = ds.map(lambda slots, images, labels: (images, labels))
+    else:
+        ds = ds.unbatch().map(one, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=True)
     if cfg.augment_on == "host":
         ds = ds.map(lambda image, offset, label: (augment.finish(image, offset), label))
     options = tf.data.Options()
@@ -87,18 +95,37 @@ def train_stream(
 
 
 def raw_source_and_parser(builder, split: str, decoders: Any):
-    """(the split's serialized examples by index, serialized -> (image, label) in TF ops)."""
+    """(the split's serialized examples by index, [B] serialized -> (images, labels) in TF ops).
+
+    One `tf.io.parse_example` for the whole batch (TFDS's `deserialize_example` parses one
+    record per call); a raw copy's pixels (one bytes string each, `Encoding.BYTES`) become a
+    [B, H, W, 3] uint8 array in the same op chain. Encoded images stay bytes (`decoders` is
+    SkipDecoding for them): they are decoded per example, after the parse.
+    """
     tf = import_tf()
     import tensorflow_datasets as tfds
 
     source = builder.as_data_source(
         split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
     )
-    features = builder.info.features
+    image_feature = builder.info.features["image"]
+    encoded = isinstance(image_feature, tfds.features.Image)
+    shape = tuple(image_feature.shape)
+    # Encoded images and raw pixels as one bytes string are a string each; a raw copy written
+    # before Encoding.BYTES stores its pixels as an int64 list (TFDS parses uint8 as int64).
+    as_bytes = image_feature.get_serialized_info().tf_dtype == tf.string
+    image_spec = (
+        tf.io.FixedLenFeature([], tf.string) if as_bytes else tf.io.FixedLenFeature(shape, tf.int64)
+    )
+    spec = {"image": image_spec, "label": tf.io.FixedLenFeature([], tf.int64)}
 
     def parse(serialized):
-        ex = features.deserialize_example(serialized, decoders=decoders)
-        return ex["image"], tf.cast(ex["label"], tf.int32)
+        ex = tf.io.parse_example(serialized, spec)
+        images = ex["image"]
+        if not encoded:
+            pixels = tf.io.decode_raw(images, tf.uint8) if as_bytes else tf.cast(images, tf.uint8)
+            images = tf.reshape(pixels, (-1, *shape))
+        return images, tf.cast(ex["label"], tf.int32)
 
     return source, parse
 
