@@ -8,8 +8,9 @@ earlier records of the epoch and refill its shuffle buffer). Each epoch is a ful
 (better mixed than a shuffle buffer), and each process takes its slice of every global batch, so
 the order is the same for any number of processes (as the digits source does it).
 
-Reading is a Python generator (array_record's reads are memory-mapped lookups); decoding and the
-host augmentation, when asked for, run in tf.data's parallel maps.
+Reading is a Python generator, one batch of records per call (array_record's `__getitems__`,
+which bounds the raw copy's rate: README, "Input pipeline speed"); one parse per batch, then
+decoding and the host augmentation, when asked for, in tf.data's parallel maps.
 """
 
 from __future__ import annotations
