@@ -208,3 +208,21 @@ def test_an_experiment_loads_by_path_from_anywhere(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits.py"))
     assert config.dataset == "digits"
+
+
+def test_profile_step_script_sums_the_traced_step_op_by_op(tmp_path, capsys):
+    """scripts/profile_step.py on the quickstart network: a trace on disk, ops grouped by kind."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--experiment", "experiments/digits.py", "--batch", "8", "--steps", "1", "--top", "3"]
+    assert module.main([*argv, "--trace_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)
+    assert "not named (convolutions on CPU)" in out and "the 3 longest ops:" in out
+    kinds = out.split("not named")[1].split("the 3 longest")[0].strip().splitlines()[1:]
+    assert len(kinds) == 3 and all(" ms " in line for line in kinds)
