@@ -47,14 +47,15 @@ def local_response_norm(
 
     The windowed sum is a matmul with a banded 0/1 matrix: on CPUs and GPUs a small dense matmul
     over channels is much faster than a `reduce_window` over a window of 5 channels. The
-    gradient is written out (`_lrn_bwd`) so that it reuses the forward's t ** -beta instead of
+    gradient is written out (`_lrn_dx`) so that it reuses the forward's t ** -beta instead of
     autodiff's second `pow`, and beta = 0.75 (the paper's) is rsqrt(t) * sqrt(rsqrt(t)): XLA:CPU's
     `pow` is exp(log) per element, and the two `pow`s were most of LRN's time.
     """
     scale = alpha / size if scale_alpha_by_size else alpha
-    # The power's form is chosen here, where beta is still a number (it may be traced below).
-    form = beta if isinstance(beta, (int, float)) and beta in _POWERS else None
-    return _lrn(x, k, scale, beta, size, groups, form)
+    if all(isinstance(v, (int, float)) for v in (k, scale, beta)):  # the model's case
+        return _lrn_fixed(x, size, groups, float(k), float(scale), float(beta))
+    # Traced hyper-parameters (the property tests jit them) get their cotangents too.
+    return _lrn(x, k, scale, beta, size, groups)
 
 
 def _power(t: Array, beta: Any, form: float | None) -> Array:
@@ -70,27 +71,55 @@ def _power(t: Array, beta: Any, form: float | None) -> Array:
 _POWERS = (0.75, 0.5)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _lrn(x: Array, k: Any, scale: Any, beta: Any, size: int, groups: int, form: Any) -> Array:
-    return _lrn_fwd(x, k, scale, beta, size, groups, form)[0]
-
-
-def _lrn_fwd(x, k, scale, beta, size, groups, form):
+def _lrn_forward(x, k, scale, beta, size, groups):
     band = _channel_band(x.shape[-1], size, groups, x.dtype)
     window = jnp.matmul(jnp.square(x), band)
     t = k + scale * window
+    form = beta if isinstance(beta, float) and beta in _POWERS else None
     s = _power(t, beta, form)
-    return x * s, (x, window, t, s, k, scale, beta)
+    return x * s, (x, window, t, s)
 
 
-def _lrn_bwd(size, groups, form, residuals, g):
+def _lrn_dx(x, t, s, g, scale, beta, size, groups):
     # y_i = x_i t_i^-b with t_i = k + scale * sum_{j in w(i)} x_j^2, so
-    # dx_j = g_j t_j^-b - 2 b scale x_j sum_{i: j in w(i)} g_i x_i t_i^(-b-1); the hyper-parameters'
-    # cotangents are there for completeness (XLA drops them when unused, as in training).
-    x, window, t, s, k, scale, beta = residuals
+    # dx_j = g_j t_j^-b - 2 b scale x_j sum_{i: j in w(i)} g_i x_i t_i^(-b-1).
     band = _channel_band(x.shape[-1], size, groups, x.dtype)
     q = g * x * s / t  # g_i x_i t_i^(-b-1)
-    dx = g * s - (2 * beta * scale) * x * jnp.matmul(q, band.T)
+    return (g * s - (2 * beta * scale) * x * jnp.matmul(q, band.T)).astype(x.dtype), q
+
+
+# Numbers for k, scale and beta (nondiff): inside shard_map a cotangent for them would be
+# device-varying while they are not, so the model's LRN has none.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _lrn_fixed(x: Array, size: int, groups: int, k: float, scale: float, beta: float) -> Array:
+    return _lrn_forward(x, k, scale, beta, size, groups)[0]
+
+
+def _lrn_fixed_fwd(x, size, groups, k, scale, beta):
+    return _lrn_forward(x, k, scale, beta, size, groups)
+
+
+def _lrn_fixed_bwd(size, groups, k, scale, beta, residuals, g):
+    x, _, t, s = residuals
+    return (_lrn_dx(x, t, s, g, scale, beta, size, groups)[0],)
+
+
+_lrn_fixed.defvjp(_lrn_fixed_fwd, _lrn_fixed_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lrn(x: Array, k: Any, scale: Any, beta: Any, size: int, groups: int) -> Array:
+    return _lrn_forward(x, k, scale, beta, size, groups)[0]
+
+
+def _lrn_fwd(x, k, scale, beta, size, groups):
+    y, residuals = _lrn_forward(x, k, scale, beta, size, groups)
+    return y, (*residuals, k, scale, beta)
+
+
+def _lrn_bwd(size, groups, residuals, g):
+    x, window, t, s, k, scale, beta = residuals
+    dx, q = _lrn_dx(x, t, s, g, scale, beta, size, groups)
     dk = -beta * jnp.sum(q)
     dscale = -beta * jnp.sum(q * window)
     dbeta = -jnp.sum(g * x * s * jnp.log(t))
@@ -98,7 +127,7 @@ def _lrn_bwd(size, groups, form, residuals, g):
     def like(value, ct):
         return jnp.asarray(ct, jnp.result_type(value)).reshape(jnp.shape(value))
 
-    return dx.astype(x.dtype), like(k, dk), like(scale, dscale), like(beta, dbeta)
+    return dx, like(k, dk), like(scale, dscale), like(beta, dbeta)
 
 
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
