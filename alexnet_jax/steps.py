@@ -85,10 +85,10 @@ def train_step(
     slots) into the model's input first, keyed by the step: augmentation is part of the step.
 
     Without a `layout` (pmap data parallelism) the gradients are `pmean`ed (on more than one
-    device). With one (a
-    shard_map step; `model` carries the same layout) each device's loss is its examples' mean
-    over the number of devices: the gradient shard_map's autodiff returns for a parameter is
-    then the sum over the devices that share it, i.e. already the one-device gradient.
+    device). With one (a shard_map step; `model` carries the same layout) each device's loss is
+    its examples' mean over the number of devices: the gradient shard_map's autodiff returns for
+    a parameter is then the sum over the devices that share it, i.e. already the one-device
+    gradient.
     """
     if preprocess is not None:
         batch = preprocess(batch, state.step)

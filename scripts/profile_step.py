@@ -30,6 +30,7 @@ import jax
 
 from alexnet_jax import bench  # sets the XLA:CPU flags before JAX starts its backend
 from alexnet_jax import config as config_lib
+from alexnet_jax.errors import UsageError
 
 
 def op_times(trace_dir: str, steps: int) -> collections.Counter:
@@ -66,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace_dir", default="")
-    args, rest = parser.parse_known_args(argv)
-    overrides = dict(a.removeprefix("--config.").split("=", 1) for a in rest)
-    base = config_lib.resolve(args.experiment, overrides)
+    try:
+        rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(rest)
+        base = config_lib.resolve(args.experiment, overrides)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     step = bench.jax_runner(bench.bench_config(base, args.batch, args.dtype))
     step()
     step()
@@ -85,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in times.items():
         kinds[re.sub(r"[._]?\d+$", "", name)] += ms
     print(f"step {wall:.0f} ms (traced, batch {args.batch}, {args.dtype}); trace in {trace_dir}")
-    rest = wall - named
-    print(f"{rest:9.1f} ms  {100 * rest / wall:5.1f} %  not named (convolutions on CPU)")
+    unnamed = wall - named
+    print(f"{unnamed:9.1f} ms  {100 * unnamed / wall:5.1f} %  not named (convolutions on CPU)")
     for kind, ms in kinds.most_common(args.top):
         print(f"{ms:9.1f} ms  {100 * ms / wall:5.1f} %  {kind}")
     print(f"\nthe {args.top} longest ops:")

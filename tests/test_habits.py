@@ -226,3 +226,5 @@ def test_profile_step_script_sums_the_traced_step_op_by_op(tmp_path, capsys):
     assert "not named (convolutions on CPU)" in out and "the 3 longest ops:" in out
     kinds = out.split("not named")[1].split("the 3 longest")[0].strip().splitlines()[1:]
     assert len(kinds) == 3 and all(" ms " in line for line in kinds)
+    assert module.main(["--experiment", "experiments/digits.py", "--config.nope=1"]) == 2
+    assert "unknown config key 'nope'" in capsys.readouterr().err

@@ -310,7 +310,7 @@ class ImageNetSource:
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
         if random_access.is_random_access(self._builder):
             records, parse = random_access.raw_source_and_parser(
-                self._builder, self._splits["train"], self._decoders()
+                self._builder, self._splits["train"]
             )
             return random_access.train_stream(
                 records,

@@ -95,13 +95,13 @@ def train_stream(
         yield {"image": image, "label": label, **slots}
 
 
-def raw_source_and_parser(builder, split: str, decoders: Any):
+def raw_source_and_parser(builder, split: str):
     """(the split's serialized examples by index, [B] serialized -> (images, labels) in TF ops).
 
     One `tf.io.parse_example` for the whole batch (TFDS's `deserialize_example` parses one
     record per call); a raw copy's pixels (one bytes string each, `Encoding.BYTES`) become a
-    [B, H, W, 3] uint8 array in the same op chain. Encoded images stay bytes (`decoders` is
-    SkipDecoding for them): they are decoded per example, after the parse.
+    [B, H, W, 3] uint8 array in the same op chain. Encoded images stay bytes: they are decoded
+    per example, after the parse.
     """
     tf = import_tf()
     import tensorflow_datasets as tfds
