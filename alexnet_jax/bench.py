@@ -311,6 +311,14 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+# Config keys that every benchmark setting sets itself (`bench_config`), and what to do instead.
+_SET_BY_FLAGS = {
+    "model.dtype": "use --dtypes",
+    "batch_size": "use --batch_sizes",
+    "dataset": "its batches are synthetic",
+}
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     p = argparse.ArgumentParser(
         prog="python -m alexnet_jax.bench", description=__doc__.split("\n")[0]
@@ -338,6 +346,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]
     )
     rest, overrides = config_lib.split_overrides(argv)
     args = p.parse_args(rest)
+    for key, hint in _SET_BY_FLAGS.items():
+        if key in overrides:  # bench_config would overwrite it: say so rather than ignore it
+            raise UsageError(f"--config.{key} is set by the benchmark: {hint}")
     for dtype in args.dtypes:
         config_lib.check_choice("--dtypes", dtype, DTYPES)
     for mode in args.torch_modes:  # the names only: PyTorch need not be installed to check them

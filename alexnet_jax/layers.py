@@ -169,6 +169,17 @@ def _max_pool_fwd(x: Array, window: int, stride: int) -> tuple[Array, tuple[Arra
 def _max_pool_bwd(window: int, stride: int, residuals: tuple[Array, Array], g: Array):
     x, y = residuals
     (n, h, w, c), (ho, wo) = x.shape, y.shape[1:3]
+    dtype = g.dtype
+    if x.dtype != jnp.float32:
+        # bfloat16: XLA:CPU would convert inside each of the window's views and each term (most
+        # of a bf16 step's time in them). Widening once is exact, and the up to 4 overlapping
+        # windows' gradients are summed in float32, rounded once. The first barrier pins the
+        # stored bfloat16 values: without it XLA may widen the unrounded values it computed them
+        # from (excess precision), and no view would equal y any more (a zero gradient).
+        x, y = lax.optimization_barrier((x, y))
+        x, y, g = lax.optimization_barrier(
+            (x.astype(jnp.float32), y.astype(jnp.float32), g.astype(jnp.float32))
+        )
 
     def view(i: int, j: int) -> Array:  # the inputs at window position (i, j) of every window
         return x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
@@ -200,7 +211,7 @@ def _max_pool_bwd(window: int, stride: int, residuals: tuple[Array, Array], g: A
             row.append(acc)
         phases.append(jnp.stack(row, axis=3))  # (n, mh, mw, r_w, c)
     dx = jnp.stack(phases, axis=2).reshape(n, mh * stride, mw * stride, c)  # interleave (r_h, r_w)
-    return (dx[:, :h, :w],)
+    return (dx[:, :h, :w].astype(dtype),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -225,6 +236,48 @@ def max_pool_portable(x: Array, window: int, stride: int) -> Array:
     )
 
 
+class Upcast:
+    """A layer's operands and result in `dtype`; with `on` and dtype bfloat16, its arithmetic in
+    float32 on the bfloat16-rounded operands, the result rounded back to bfloat16.
+
+    That is what XLA:CPU does inside a bfloat16 convolution or matmul anyway (convert -> float32
+    op -> convert, `cpu_flags.bf16_upcast`), and what a bfloat16 tensor core does (float32
+    accumulation): the same rounding points. Written out, the bias is added and its gradient is
+    summed in float32, where XLA:CPU's reductions go to YNNPACK instead of bfloat16 reduce_window
+    trees, and the weight gradients reach the float32 update without a bfloat16 transpose
+    (README, "Performance"). The parameters' gradients are rounded to bfloat16 as before.
+    """
+
+    def __init__(self, dtype: Any, on: bool) -> None:
+        self.dtype = jnp.dtype(dtype)
+        self.on = on and self.dtype == jnp.bfloat16
+
+    def operand(self, x: Array) -> Array:
+        x = x.astype(self.dtype)
+        return x.astype(jnp.float32) if self.on else x
+
+    def result(self, y: Array) -> Array:
+        return y.astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameters, same names) with the `Upcast` option for bfloat16."""
+
+    features: int
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Any = jnp.float32
+    upcast: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        op = Upcast(self.dtype, self.upcast)
+        y = jnp.matmul(op.operand(x), op.operand(kernel))
+        return op.result(y + bias.astype(y.dtype))
+
+
 class GroupedConv(nn.Module):
     """A convolution whose input and output channels are split into `groups` columns.
 
@@ -242,6 +295,7 @@ class GroupedConv(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
     dtype: Any = jnp.float32
     split: bool = True  # False: one `feature_group_count` convolution (model.kernels='portable')
+    upcast: bool = False  # bfloat16 computed in float32 from its rounded operands (`Upcast`)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -254,8 +308,8 @@ class GroupedConv(nn.Module):
         kshape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
+        op = Upcast(self.dtype, self.upcast)
+        x, kernel = op.operand(x), op.operand(kernel)
         pad = [(self.padding, self.padding)] * 2
         dims = ("NHWC", "HWIO", "NHWC")
         if not self.split or self.groups == 1:
@@ -267,7 +321,7 @@ class GroupedConv(nn.Module):
                 dimension_numbers=dims,
                 feature_group_count=self.groups,
             )
-            return y + bias.astype(self.dtype)
+            return op.result(y + bias.astype(y.dtype))
         outs = [
             lax.conv_general_dilated(
                 xg, kg, (self.strides, self.strides), pad, dimension_numbers=dims
@@ -279,7 +333,7 @@ class GroupedConv(nn.Module):
             )
         ]
         y = outs[0] if self.groups == 1 else jnp.concatenate(outs, axis=-1)
-        return y + bias.astype(self.dtype)
+        return op.result(y + bias.astype(y.dtype))
 
 
 def adaptive_avg_pool(x: Array, size: int) -> Array:

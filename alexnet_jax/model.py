@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax.layers import (
+    Dense,
     ExampleDropout,
     GroupedConv,
     Initializer,
@@ -148,13 +149,15 @@ class AlexNet(nn.Module):
             binit,
             self.dtype,
             split=self.kernels == "cpu",
+            upcast=self.kernels == "cpu",
             name=name,
         )
 
-    def _dense(self, name: str, features: int) -> nn.Dense:
+    def _dense(self, name: str, features: int) -> Dense:
         kinit, binit = INIT_SCHEMES[self.init_scheme](name)
         width = self._width(name, features)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=kinit, bias_init=binit, name=name)
+        upcast = self.kernels == "cpu"
+        return Dense(width, kinit, binit, self.dtype, upcast, name=name)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, example_ids: Array | None = None) -> Array:

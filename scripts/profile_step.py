@@ -1,6 +1,6 @@
 """Where the training step's time goes, op by op: a `jax.profiler` trace of the real step, summed.
 
-    python scripts/profile_step.py [--experiment experiments/imagenet.py] [--batch 64]
+    python scripts/profile_step.py [--experiment experiments/imagenet.py] [--batch 64] [--dtype D]
                                    [--steps 2] [--top 25] [--trace_dir DIR] [--config.KEY=VALUE]
 
 Builds the benchmark's step (`alexnet_jax.bench.jax_runner`: the pmapped `train_step` on one
@@ -62,8 +62,10 @@ def shapes(hlo: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="experiments/imagenet.py")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dtype", default="float32")
+    # Defaults: batch 64 (the README's table) unless --config.batch_size says otherwise; the
+    # experiment's model.dtype (so that --config.model.dtype=bfloat16 is not silently undone).
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--dtype", default=None)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace_dir", default="")
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    args.batch = args.batch or (base.batch_size if "batch_size" in overrides else 64)
+    args.dtype = args.dtype or base.model.dtype
     step = bench.jax_runner(bench.bench_config(base, args.batch, args.dtype))
     step()
     step()

@@ -97,25 +97,46 @@ _HEAVY = ("conv_general_dilated", "dot_general")
 
 
 def _equations(jaxpr):
-    """Every equation of a jaxpr, including those inside custom_vjp and jit calls."""
+    """(equation, producers) for every equation of a jaxpr, including those inside custom_vjp and
+    jit calls; producers maps each variable of the equation's jaxpr to the equation making it."""
+    producers = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
     for eqn in jaxpr.eqns:
-        yield eqn
+        yield eqn, producers
         for value in eqn.params.values():
             inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr holds a Jaxpr
             if hasattr(inner, "eqns"):
                 yield from _equations(inner)
 
 
-def test_bfloat16_computes_in_bfloat16():
-    """The convolutions and matmuls of the bf16 model take bf16 operands; the logits are f32."""
+def _bfloat16_valued(var, producers) -> bool:
+    """A bf16 array, or a float32 one widened from bf16 (`layers.Upcast` on XLA:CPU)."""
+    if var.aval.dtype == jnp.bfloat16:
+        return True
+    eqn = producers.get(var)
+    while eqn is not None and eqn.primitive.name in ("split", "slice", "reshape"):
+        eqn = producers.get(eqn.invars[0])  # the columns of a grouped convolution
+    return (
+        eqn is not None
+        and eqn.primitive.name == "convert_element_type"
+        and eqn.invars[0].aval.dtype == jnp.bfloat16
+    )
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "portable"])
+def test_bfloat16_computes_in_bfloat16(kernels):
+    """The convolutions and matmuls of the bf16 model take bf16 operands (the CPU forms: float32
+    operands widened from bf16, the arithmetic XLA:CPU does anyway); the logits are f32."""
     config = _config("bfloat16")
+    config.model.kernels = kernels
     model = from_config(config.model)
     x = jnp.zeros((2, 64, 64, 3), jnp.float32)
     params = jax.jit(lambda k: model.init(k, x, train=False)["params"])(jax.random.key(0))
     jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, train=False))(params, x)
-    heavy = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name in _HEAVY]
+    heavy = [(e, p) for e, p in _equations(jaxpr.jaxpr) if e.primitive.name in _HEAVY]
     assert len(heavy) >= 8  # 5 convolutions (8 with the groups split), 3 dense layers, 2 LRNs
-    assert all(v.aval.dtype == jnp.bfloat16 for eqn in heavy for v in eqn.invars)
+    assert all(_bfloat16_valued(v, p) for eqn, p in heavy for v in eqn.invars)
+    widened = any(v.aval.dtype == jnp.float32 for eqn, _ in heavy for v in eqn.invars)
+    assert widened == (kernels == "cpu")
     assert jax.eval_shape(lambda: model.apply({"params": params}, x, train=False)).dtype == (
         jnp.float32
     )

@@ -220,8 +220,10 @@ def test_profile_step_script_sums_the_traced_step_op_by_op(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     argv = ["--experiment", "experiments/digits.py", "--batch", "8", "--steps", "1", "--top", "3"]
-    assert module.main([*argv, "--trace_dir", str(tmp_path)]) == 0
+    # The config's dtype is the step's (the script's --dtype defaults to it, not to float32).
+    assert module.main([*argv, "--trace_dir", str(tmp_path), "--config.model.dtype=bfloat16"]) == 0
     out = capsys.readouterr().out
+    assert "(traced, batch 8, bfloat16)" in out
     assert glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)
     assert "not named (convolutions on CPU)" in out and "the 3 longest ops:" in out
     kinds = out.split("not named")[1].split("the 3 longest")[0].strip().splitlines()[1:]

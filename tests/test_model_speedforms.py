@@ -235,6 +235,20 @@ def test_bench_rejects_an_unknown_torch_mode(capsys):
     assert "--torch_modes must be one of" in err and "'compile'" in err
 
 
+@pytest.mark.parametrize(
+    "override,hint",
+    [
+        ("model.dtype=bfloat16", "use --dtypes"),
+        ("batch_size=8", "use --batch_sizes"),
+        ("dataset=digits", "synthetic"),
+    ],
+)
+def test_bench_refuses_overrides_it_would_silently_replace(capsys, override, hint):
+    assert bench.main([f"--config.{override}", "--no_torch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is set by the benchmark" in err and hint in err and len(err.splitlines()) == 1
+
+
 # --- the benchmark's model FLOPs and the XLA:CPU flag -------------------------------------
 
 
@@ -294,3 +308,36 @@ def test_cpu_and_portable_kernels_give_the_same_network():
     np.testing.assert_allclose(lc, lp, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(gc), jax.tree_util.tree_leaves(gp), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernels_in_bfloat16_track_the_portable_form():
+    """bfloat16 with the CPU forms (`layers.Upcast`: each conv and matmul in float32 on rounded
+    operands, max-pool's gradient widened) stays as close to float32 as XLA's bf16 form does.
+    A widening that lets XLA compare unrounded values with the rounded maxima zeroes the
+    gradient below the pooling: the 3 x 3 pools here would catch it."""
+    kw = dict(num_classes=10, conv_features=(8, 16, 16, 16, 16), dense_features=32, groups=2)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3)) * 50  # the pixels' scale
+    f32 = AlexNet(**kw, kernels="cpu")
+    params = f32.init(jax.random.PRNGKey(1), x, train=False)["params"]
+
+    def grads(model):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=False).astype(jnp.float32))  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    want = grads(f32)
+    cpu = grads(AlexNet(**kw, kernels="cpu", dtype=jnp.bfloat16))
+    portable = grads(AlexNet(**kw, kernels="portable", dtype=jnp.bfloat16))
+    norm = lambda a: float(jnp.linalg.norm(a.astype(jnp.float32)))  # noqa: E731
+    for (path, w), c, p in zip(
+        jax.tree_util.tree_leaves_with_path(want),
+        jax.tree_util.tree_leaves(cpu),
+        jax.tree_util.tree_leaves(portable),
+        strict=True,
+    ):
+        assert c.dtype == jnp.float32  # the parameters' dtype
+        err_cpu, err_portable = norm(c - w) / norm(w), norm(p - w) / norm(w)
+        assert err_cpu < 2 * err_portable + 0.02, (
+            jax.tree_util.keystr(path),
+            err_cpu,
+            err_portable,
+        )
