@@ -192,6 +192,10 @@ def _main(argv: Sequence[str] | None) -> int:
     # TensorFlow's C++ logs (oneDNN, rendezvous, ...) and Orbax's and TFDS's absl chatter must
     # not surround our one error line; set before TensorFlow is first imported (by a source).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # On Intel CPUs TensorFlow 2.21 prints a oneDNN notice before its logging starts, whatever
+    # the level. Its oneDNN rewrites are for TF's own convolutions and matmuls, which tf.data and
+    # TFDS never run here, so turning them off costs nothing.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     # Orbax logs the errors of its writer threads itself; we report them in one line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
