@@ -19,7 +19,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 from jax import lax
 
 import alexnet_jax  # noqa: F401  (sets the XLA:CPU flags before JAX starts its backend)
+from alexnet_jax.bench import interleave
 
 # name, input (h, w, c) of one column, output channels of one column, kernel, stride, pad,
 # columns: the paper's network at 224 px with conv1_padding=2 (`model.py`).
@@ -83,12 +83,6 @@ def torch_passes(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> dict[st
         }
 
 
-def _seconds(f: Callable) -> float:
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
-
-
 def measure(batch: int, reps: int, with_torch: bool) -> list[dict]:
     """One row per layer and pass: median ms for all its columns, per library."""
     rng = np.random.default_rng(0)
@@ -100,12 +94,8 @@ def measure(batch: int, reps: int, with_torch: bool) -> list[dict]:
         if with_torch:
             libs["torch"] = torch_passes(x, kernel, stride, pad)
         for p in PASSES if name != "conv1" else PASSES[:2]:
-            for run in (f[p] for f in libs.values()):
-                run()  # compile, warm up
-            times: dict[str, list[float]] = {lib: [] for lib in libs}
-            for _ in range(reps):
-                for lib, f in libs.items():
-                    times[lib].append(_seconds(f[p]))
+            # One warm-up call each (compilation), then the libraries alternate rep by rep.
+            times = interleave({lib: f[p] for lib, f in libs.items()}, reps, warmup=1)
             row = {"layer": name, "pass": p, "columns": columns}
             for lib, t in times.items():
                 row[f"{lib}_ms"] = 1000 * columns * statistics.median(t)

@@ -31,6 +31,7 @@ import jax
 from alexnet_jax import bench  # sets the XLA:CPU flags before JAX starts its backend
 from alexnet_jax import config as config_lib
 from alexnet_jax.errors import UsageError
+from alexnet_jax.model import DTYPES
 
 
 def op_times(trace_dir: str, steps: int) -> collections.Counter:
@@ -73,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)
         base = config_lib.resolve(args.experiment, overrides)
+        if args.batch is None:
+            args.batch = base.batch_size if "batch_size" in overrides else 64
+        if args.batch < 1:
+            raise UsageError(f"--batch must be >= 1, got {args.batch}")
+        args.dtype = args.dtype or base.model.dtype
+        config_lib.check_choice("--dtype", args.dtype, DTYPES)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.batch = args.batch or (base.batch_size if "batch_size" in overrides else 64)
-    args.dtype = args.dtype or base.model.dtype
     step = bench.jax_runner(bench.bench_config(base, args.batch, args.dtype))
     step()
     step()

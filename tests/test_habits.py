@@ -230,3 +230,7 @@ def test_profile_step_script_sums_the_traced_step_op_by_op(tmp_path, capsys):
     assert len(kinds) == 3 and all(" ms " in line for line in kinds)
     assert module.main(["--experiment", "experiments/digits.py", "--config.nope=1"]) == 2
     assert "unknown config key 'nope'" in capsys.readouterr().err
+    assert module.main(["--experiment", "experiments/digits.py", "--dtype", "float16"]) == 2
+    assert "--dtype must be one of" in capsys.readouterr().err
+    assert module.main(["--experiment", "experiments/digits.py", "--batch", "0"]) == 2
+    assert "--batch must be >= 1" in capsys.readouterr().err
