@@ -109,34 +109,52 @@ def _equations(jaxpr):
 
 
 def _bfloat16_valued(var, producers) -> bool:
-    """A bf16 array, or a float32 one widened from bf16 (`layers.Upcast` on XLA:CPU)."""
-    if var.aval.dtype == jnp.bfloat16:
-        return True
-    eqn = producers.get(var)
-    while eqn is not None and eqn.primitive.name in ("split", "slice", "reshape"):
-        eqn = producers.get(eqn.invars[0])  # the columns of a grouped convolution
-    return (
-        eqn is not None
-        and eqn.primitive.name == "convert_element_type"
-        and eqn.invars[0].aval.dtype == jnp.bfloat16
-    )
+    """A bf16 array, or a float32 one that holds bf16 values (`layers.Upcast` on XLA:CPU: the
+    rounding of `layers.round_to_bfloat16`, or a widening convert)."""
+    while True:
+        if var.aval.dtype == jnp.bfloat16:
+            return True
+        eqn = producers.get(var)
+        if eqn is None:
+            return False
+        name = eqn.primitive.name
+        if name == "custom_vjp_call":  # `layers._bf16_operand`: look inside
+            inner = eqn.params["call_jaxpr"].jaxpr
+            var = inner.outvars[eqn.outvars.index(var)]
+            producers = {v: e for e in inner.eqns for v in e.outvars}
+        elif name in ("split", "slice", "reshape", "rev", "transpose"):
+            # The columns of a grouped convolution; the kernel's flip and transposes backward.
+            var = eqn.invars[0]
+        elif name == "reduce_precision":
+            return (eqn.params["exponent_bits"], eqn.params["mantissa_bits"]) == (8, 7)
+        else:
+            return name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "portable"])
 def test_bfloat16_computes_in_bfloat16(kernels):
-    """The convolutions and matmuls of the bf16 model take bf16 operands (the CPU forms: float32
-    operands widened from bf16, the arithmetic XLA:CPU does anyway); the logits are f32."""
+    """The convolutions and matmuls of the bf16 model take bf16 operands, forward and backward
+    (the CPU forms: float32 operands rounded to bf16, the arithmetic XLA:CPU does anyway); the
+    logits are f32. Without LRN: its window sum is a matmul with a 0/1 band, which the CPU form
+    computes in float32 with the other elementwise layers."""
     config = _config("bfloat16")
     config.model.kernels = kernels
+    config.model.use_lrn = False
     model = from_config(config.model)
     x = jnp.zeros((2, 64, 64, 3), jnp.float32)
     params = jax.jit(lambda k: model.init(k, x, train=False)["params"])(jax.random.key(0))
-    jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, train=False))(params, x)
-    heavy = [(e, p) for e, p in _equations(jaxpr.jaxpr) if e.primitive.name in _HEAVY]
-    assert len(heavy) >= 8  # 5 convolutions (8 with the groups split), 3 dense layers, 2 LRNs
-    assert all(_bfloat16_valued(v, p) for eqn, p in heavy for v in eqn.invars)
-    widened = any(v.aval.dtype == jnp.float32 for eqn, _ in heavy for v in eqn.invars)
-    assert widened == (kernels == "cpu")
+    forward = lambda p, x: model.apply({"params": p}, x, train=False)  # noqa: E731
+    loss = lambda p, x: jnp.sum(forward(p, x))  # noqa: E731
+    # 5 convolutions and 3 dense layers, then their weight and input gradients (not conv1's
+    # input's): 8 and 8 + 8 + 7 ops; the CPU form splits the 3 grouped convolutions (11 and 32).
+    for fn, least in ((forward, 8), (jax.grad(loss), 23)):
+        jaxpr = jax.make_jaxpr(fn)(params, x)
+        heavy = [(e, p) for e, p in _equations(jaxpr.jaxpr) if e.primitive.name in _HEAVY]
+        assert len(heavy) >= least
+        bad = [str(e.primitive) for e, p in heavy if not all(_bfloat16_valued(v, p) for v in e.invars)]
+        assert not bad, bad
+        widened = any(v.aval.dtype == jnp.float32 for eqn, _ in heavy for v in eqn.invars)
+        assert widened == (kernels == "cpu")
     assert jax.eval_shape(lambda: model.apply({"params": params}, x, train=False)).dtype == (
         jnp.float32
     )
