@@ -1,6 +1,6 @@
 """The fast formulations in model.py compute the same function and gradient as the plain ones.
 
-Each fast form (grouped conv as separate convs, LRN as a band matmul with a hand-written
+Each fast form (grouped conv as separate convs, LRN as a sum of shifted slices with a hand-written
 gradient, max pooling with a padding-based gradient, t**-0.75 via rsqrt) is checked against the
 textbook form, values and gradients; the PyTorch yardstick of `alexnet_jax.bench` is checked to be
 the same network; and `cpu_flags` and the FLOP count of the benchmark are checked.
@@ -79,12 +79,28 @@ def _lrn_plain(x, size, k, alpha, beta):
 
 
 @pytest.mark.parametrize("beta", [0.75, 0.5], ids=["paper_beta_rsqrt", "general_beta_pow"])
-@pytest.mark.parametrize("channels,size", [(11, 5), (16, 3), (4, 5)])
+@pytest.mark.parametrize("channels,size", [(11, 5), (16, 3), (4, 5), (9, 4)])
 def test_lrn_value_and_gradient_equal_the_plain_form(beta, channels, size):
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, channels)) * 20.0
     g = jax.random.normal(jax.random.key(1), x.shape)
     fast = lambda x: local_response_norm(x, size=size, k=2.0, alpha=1e-3, beta=beta)  # noqa: E731
     plain = lambda x: _lrn_plain(x, size, 2.0, 1e-3, beta)  # noqa: E731
+    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+    got, want = _grad_of_sum_with(fast, x, g), _grad_of_sum_with(plain, x, g)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [5, 4])
+def test_lrn_per_column_value_and_gradient_equal_the_plain_form_on_each_column(size):
+    """model.lrn_per_column: neither the windows nor their gradient's sums cross the columns."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 12)) * 20.0
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    fast = lambda x: local_response_norm(x, size=size, k=2.0, alpha=1e-3, groups=2)  # noqa: E731
+
+    def plain(x):
+        halves = jnp.split(x, 2, axis=-1)
+        return jnp.concatenate([_lrn_plain(h, size, 2.0, 1e-3, 0.75) for h in halves], axis=-1)
+
     np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-6)
     got, want = _grad_of_sum_with(fast, x, g), _grad_of_sum_with(plain, x, g)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
