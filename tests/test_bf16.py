@@ -109,8 +109,8 @@ def _equations(jaxpr):
 
 
 def _bfloat16_valued(var, producers) -> bool:
-    """A bf16 array, or a float32 one that holds bf16 values (`layers.Upcast` on XLA:CPU: the
-    rounding of `layers.round_to_bfloat16`, or a widening convert)."""
+    """A bf16 array, or a float32 one that holds bf16 values (`precision.Upcast` on XLA:CPU: the
+    rounding of `precision.round_to_bfloat16`, or a widening convert)."""
     while True:
         if var.aval.dtype == jnp.bfloat16:
             return True
@@ -118,7 +118,7 @@ def _bfloat16_valued(var, producers) -> bool:
         if eqn is None:
             return False
         name = eqn.primitive.name
-        if name == "custom_vjp_call":  # `layers._bf16_operand`: look inside
+        if name == "custom_vjp_call":  # `precision._bf16_operand`: look inside
             inner = eqn.params["call_jaxpr"].jaxpr
             var = inner.outvars[eqn.outvars.index(var)]
             producers = {v: e for e in inner.eqns for v in e.outvars}
@@ -135,11 +135,9 @@ def _bfloat16_valued(var, producers) -> bool:
 def test_bfloat16_computes_in_bfloat16(kernels):
     """The convolutions and matmuls of the bf16 model take bf16 operands, forward and backward
     (the CPU forms: float32 operands rounded to bf16, the arithmetic XLA:CPU does anyway); the
-    logits are f32. Without LRN: its window sum is a matmul with a 0/1 band, which the CPU form
-    computes in float32 with the other elementwise layers."""
+    logits are f32."""
     config = _config("bfloat16")
     config.model.kernels = kernels
-    config.model.use_lrn = False
     model = from_config(config.model)
     x = jnp.zeros((2, 64, 64, 3), jnp.float32)
     params = jax.jit(lambda k: model.init(k, x, train=False)["params"])(jax.random.key(0))
@@ -151,7 +149,9 @@ def test_bfloat16_computes_in_bfloat16(kernels):
         jaxpr = jax.make_jaxpr(fn)(params, x)
         heavy = [(e, p) for e, p in _equations(jaxpr.jaxpr) if e.primitive.name in _HEAVY]
         assert len(heavy) >= least
-        bad = [str(e.primitive) for e, p in heavy if not all(_bfloat16_valued(v, p) for v in e.invars)]
+        bad = [
+            str(e.primitive) for e, p in heavy if not all(_bfloat16_valued(v, p) for v in e.invars)
+        ]
         assert not bad, bad
         widened = any(v.aval.dtype == jnp.float32 for eqn, _ in heavy for v in eqn.invars)
         assert widened == (kernels == "cpu")

@@ -327,10 +327,10 @@ def test_cpu_and_portable_kernels_give_the_same_network():
 
 
 def test_cpu_kernels_in_bfloat16_track_the_portable_form():
-    """bfloat16 with the CPU forms (`layers.Upcast`: each conv and matmul in float32 on rounded
-    operands, max-pool's gradient widened) stays as close to float32 as XLA's bf16 form does.
-    A widening that lets XLA compare unrounded values with the rounded maxima zeroes the
-    gradient below the pooling: the 3 x 3 pools here would catch it."""
+    """bfloat16 with the CPU forms (`precision.Upcast`: each conv and matmul in float32 on
+    bf16-rounded operands, forward and backward; float32 activations) stays as close to float32
+    as XLA's bf16 form does. A pooling gradient that compares unrounded values with rounded
+    maxima zeroes the gradient below it: the 3 x 3 pools here would catch it."""
     kw = dict(num_classes=10, conv_features=(8, 16, 16, 16, 16), dense_features=32, groups=2)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3)) * 50  # the pixels' scale
     f32 = AlexNet(**kw, kernels="cpu")
