@@ -186,9 +186,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _check_ranges(config)
     _check_batches(config, num_devices)
     from alexnet_jax import model_parallel
+    from alexnet_jax.layers import check_kernels
     from alexnet_jax.model import check_geometry
 
     problem = check_geometry(config.model, config.data.image_size)
+    problem = problem or check_kernels(config.model.kernels)
     problem = problem or model_parallel.check(config, num_devices)
     if problem:
         raise UsageError(problem)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax import onednn
 from alexnet_jax.precision import Upcast
 
 Array = jax.Array
@@ -226,16 +227,30 @@ def _max_pool_bwd(window: int, stride: int, residuals: tuple[Array, Array], g: A
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 # model.kernels: 'cpu' = the formulations above (split groups, the pooled-grid max-pool gradient),
-# fastest on XLA:CPU; 'portable' = XLA's native forms (feature_group_count, select_and_scatter),
-# which GPU and TPU backends lower to their own kernels; 'auto' picks by the default backend.
-KERNELS = ("auto", "portable", "cpu")
+# fast on XLA:CPU; 'onednn' = the same with the convolutions on oneDNN (onednn.py; CPU only,
+# another 1.19x); 'portable' = XLA's native forms (feature_group_count, select_and_scatter), which
+# GPU and TPU backends lower to their own kernels; 'auto' picks 'cpu' or 'portable' by backend.
+KERNELS = ("auto", "portable", "cpu", "onednn")
+CPU_FORMS = ("cpu", "onednn")  # the resolved choices that use the CPU formulations above
 
 
 def resolve_kernels(choice: str) -> str:
-    """'cpu' or 'portable' for `model.kernels` (auto: 'cpu' on a CPU backend, else 'portable')."""
+    """'cpu', 'onednn' or 'portable' for `model.kernels` (auto: 'cpu' on a CPU backend, else
+    'portable')."""
     if choice == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "portable"
     return choice
+
+
+def check_kernels(choice: str) -> str | None:
+    """Why `model.kernels=choice` cannot run in this process, in one line; None if it can."""
+    if choice != "onednn":
+        return None
+    if jax.default_backend() != "cpu":
+        return (
+            f"model.kernels=onednn runs on CPUs only; the backend here is {jax.default_backend()}"
+        )
+    return onednn.missing()
 
 
 def max_pool_portable(x: Array, window: int, stride: int) -> Array:
@@ -281,6 +296,7 @@ class GroupedConv(nn.Module):
     dtype: Any = jnp.float32
     split: bool = True  # False: one `feature_group_count` convolution (model.kernels='portable')
     upcast: bool = False  # bfloat16 computed in float32 from its rounded operands (`Upcast`)
+    onednn: bool = False  # the convolutions on oneDNN (model.kernels='onednn'; float32 arithmetic)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -297,20 +313,20 @@ class GroupedConv(nn.Module):
         x, kernel = op.operand(x), op.operand(kernel)
         pad = [(self.padding, self.padding)] * 2
         dims = ("NHWC", "HWIO", "NHWC")
-        if not self.split or self.groups == 1:
+        strides = (self.strides, self.strides)
+        if not self.split:
             y = lax.conv_general_dilated(
-                x,
-                kernel,
-                (self.strides, self.strides),
-                pad,
-                dimension_numbers=dims,
-                feature_group_count=self.groups,
+                x, kernel, strides, pad, dimension_numbers=dims, feature_group_count=self.groups
             )
             return op.result(y + bias.astype(y.dtype))
+
+        def conv(x: Array, kernel: Array) -> Array:
+            if self.onednn:
+                return onednn.conv(x, kernel, self.strides, self.padding)
+            return lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=dims)
+
         outs = [
-            lax.conv_general_dilated(
-                xg, kg, (self.strides, self.strides), pad, dimension_numbers=dims
-            )
+            conv(xg, kg)
             for xg, kg in zip(
                 jnp.split(x, self.groups, axis=-1),
                 jnp.split(kernel, self.groups, axis=-1),

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax.layers import (
+    CPU_FORMS,
     Dense,
     ExampleDropout,
     GroupedConv,
@@ -107,7 +108,7 @@ class AlexNet(nn.Module):
     dropout_masks: str = "example"  # DROPOUT_MASKS
     init_scheme: str = "paper"  # config key model.init; `init` would shadow Module.init
     dtype: Any = jnp.float32
-    kernels: str = "cpu"  # resolved model.kernels: 'cpu' or 'portable' (layers.KERNELS)
+    kernels: str = "cpu"  # resolved model.kernels: 'cpu', 'onednn' or 'portable' (layers.KERNELS)
     layout: Layout | None = None  # model parallelism inside a shard_map step (model_parallel.py)
 
     def _width(self, layer: str, full: int) -> int:
@@ -148,15 +149,16 @@ class AlexNet(nn.Module):
             kinit,
             binit,
             self.dtype,
-            split=self.kernels == "cpu",
-            upcast=self.kernels == "cpu",
+            split=self.kernels in CPU_FORMS,
+            upcast=self.kernels in CPU_FORMS,
+            onednn=self.kernels == "onednn",
             name=name,
         )
 
     def _dense(self, name: str, features: int) -> Dense:
         kinit, binit = INIT_SCHEMES[self.init_scheme](name)
         width = self._width(name, features)
-        upcast = self.kernels == "cpu"
+        upcast = self.kernels in CPU_FORMS
         return Dense(width, kinit, binit, self.dtype, upcast, name=name)
 
     @nn.compact
@@ -170,7 +172,7 @@ class AlexNet(nn.Module):
         g = self.groups
 
         def pool(y: Array) -> Array:  # overlapping pooling, z=3, s=2 (section 3.4)
-            return (_max_pool if self.kernels == "cpu" else max_pool_portable)(y, 3, 2)
+            return (_max_pool if self.kernels in CPU_FORMS else max_pool_portable)(y, 3, 2)
 
         x = self._conv("conv1", c1, 11, 4, self.conv1_padding, 1)(x)
         x = (

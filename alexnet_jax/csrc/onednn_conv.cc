@@ -1,0 +1,181 @@
+// oneDNN's convolutions as XLA FFI handlers for XLA:CPU (alexnet_jax/onednn.py builds and loads
+// this file): float32, NHWC activations and HWIO kernels (the model's layouts), one stride and one
+// padding for both spatial axes, the right/bottom padding implied by the output's size (as
+// lax.conv_general_dilated drops the rows a stride does not reach). XLA:CPU runs its own
+// convolutions on Eigen, 1.2-1.5x slower than these on AVX-512 (README, "Performance").
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+// One oneDNN call at a time: each runs its own OpenMP team over all cores, and XLA:CPU may call
+// two at once from its thread pool.
+std::mutex& ExecMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Geometry of one convolution: x (n, h, w, c), kernel (kh, kw, c, o), y (n, oh, ow, o).
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, stride, pad;
+  auto Key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, stride, pad); }
+  memory::dims Src() const { return {n, c, h, w}; }
+  memory::dims Wei() const { return {o, c, kh, kw}; }
+  memory::dims Dst() const { return {n, o, oh, ow}; }
+  memory::dims Strides() const { return {stride, stride}; }
+  memory::dims PadL() const { return {pad, pad}; }
+  memory::dims PadR() const {
+    return {(oh - 1) * stride + kh - h - pad, (ow - 1) * stride + kw - w - pad};
+  }
+};
+
+struct Plan {
+  dnnl::convolution_forward::primitive_desc fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights;
+  dnnl::convolution_forward fwd_prim;
+  dnnl::convolution_backward_data bwd_data_prim;
+  dnnl::convolution_backward_weights bwd_weights_prim;
+};
+
+Plan& GetPlan(const Geometry& g) {
+  static std::mutex mu;
+  static std::map<decltype(g.Key()), std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = plans[g.Key()];
+  if (!slot) {
+    auto& eng = Engine();
+    memory::desc src(g.Src(), dt::f32, tag::nhwc), dst(g.Dst(), dt::f32, tag::nhwc);
+    memory::desc wei(g.Wei(), dt::f32, tag::any);
+    auto fwd = dnnl::convolution_forward::primitive_desc(
+        eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, wei,
+        dst, g.Strides(), g.PadL(), g.PadR());
+    auto bd = dnnl::convolution_backward_data::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, src, wei, dst, g.Strides(), g.PadL(), g.PadR(),
+        fwd);
+    auto bw = dnnl::convolution_backward_weights::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, src, wei, dst, g.Strides(), g.PadL(), g.PadR(),
+        fwd);
+    slot.reset(new Plan{fwd, bd, bw, dnnl::convolution_forward(fwd),
+                        dnnl::convolution_backward_data(bd),
+                        dnnl::convolution_backward_weights(bw)});
+  }
+  return *slot;
+}
+
+Geometry Geom(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
+              int64_t stride, int64_t pad) {
+  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], stride, pad};
+}
+
+// The kernel in HWIO (o, i, h, w logical) and, if the primitive wants another layout, a copy.
+memory UserKernel(const Geometry& g, void* data) {
+  return memory({g.Wei(), dt::f32, tag::hwio}, Engine(), data);
+}
+
+memory AsWanted(const memory& user, const memory::desc& wanted, dnnl::stream& s) {
+  if (user.get_desc() == wanted) return user;
+  memory m(wanted, Engine());
+  dnnl::reorder(user, m).execute(s, const_cast<memory&>(user), m);
+  return m;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad) {
+  try {
+    Geometry g = Geom(x.dimensions(), k.dimensions(), y->dimensions(), stride, pad);
+    std::lock_guard<std::mutex> exec_lock(ExecMutex());
+    Plan& p = GetPlan(g);
+    dnnl::stream s(Engine());
+    memory src(p.fwd.src_desc(), Engine(), x.typed_data());
+    memory dst(p.fwd.dst_desc(), Engine(), y->typed_data());
+    memory wei = AsWanted(UserKernel(g, k.typed_data()), p.fwd.weights_desc(), s);
+    p.fwd_prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    s.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad) {
+  try {
+    Geometry g = Geom(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, pad);
+    std::lock_guard<std::mutex> exec_lock(ExecMutex());
+    Plan& p = GetPlan(g);
+    dnnl::stream s(Engine());
+    memory diff_dst(p.bwd_data.diff_dst_desc(), Engine(), dy.typed_data());
+    memory diff_src(p.bwd_data.diff_src_desc(), Engine(), dx->typed_data());
+    memory wei = AsWanted(UserKernel(g, k.typed_data()), p.bwd_data.weights_desc(), s);
+    p.bwd_data_prim.execute(
+        s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    s.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dk, int64_t stride, int64_t pad) {
+  try {
+    Geometry g = Geom(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, pad);
+    std::lock_guard<std::mutex> exec_lock(ExecMutex());
+    Plan& p = GetPlan(g);
+    dnnl::stream s(Engine());
+    memory src(p.bwd_weights.src_desc(), Engine(), x.typed_data());
+    memory diff_dst(p.bwd_weights.diff_dst_desc(), Engine(), dy.typed_data());
+    memory user = UserKernel(g, dk->typed_data());
+    bool direct = user.get_desc() == p.bwd_weights.diff_weights_desc();
+    memory diff_wei = direct ? user : memory(p.bwd_weights.diff_weights_desc(), Engine());
+    p.bwd_weights_prim.execute(
+        s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
+    if (!direct) dnnl::reorder(diff_wei, user).execute(s, diff_wei, user);
+    s.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));

@@ -1,0 +1,165 @@
+"""oneDNN's convolutions inside the XLA:CPU step (`model.kernels=onednn`).
+
+XLA:CPU in jaxlib 0.10 computes convolutions with Eigen (or YNNPACK, slower still): on AlexNet's
+layers 1.2-1.5x slower than oneDNN, the library PyTorch's CPU convolutions use, and two thirds of
+the training step. No XLA option reaches oneDNN's convolutions (`cpu_flags.py`; README,
+"Performance"), so this module calls them itself: `csrc/onednn_conv.cc` holds three XLA FFI
+handlers (forward, input gradient, kernel gradient), compiled on first use with the system C++
+compiler against the oneDNN wheel of requirements.txt, cached, and registered with `jax.ffi`;
+`conv` is a `custom_vjp` over them. The step stays one XLA program: pure, jit-able, pmap-able.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")
+TARGETS = ("OnednnConvForward", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
+_lock = threading.Lock()
+_loaded: list[str] = []  # the path of the registered library, once loaded
+
+
+def prefix() -> str:
+    """Where pip put the oneDNN wheels' include/ and lib/ (this environment's data prefix)."""
+    return os.environ.get("ALEXNET_JAX_ONEDNN_PREFIX") or sysconfig.get_paths()["data"]
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def missing() -> str | None:
+    """Why `model.kernels=onednn` cannot run here, in one line; None if it can (cheap: no build)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        here = f"{platform.system()} {platform.machine()}"
+        return f"model.kernels=onednn needs Linux on x86-64 (the oneDNN wheels'); this is {here}"
+    root = prefix()
+    for path, what in (
+        (os.path.join(root, "include", "dnnl.hpp"), "oneDNN's headers (onednn-devel-cpu-gomp)"),
+        (os.path.join(root, "lib", "libdnnl.so"), "oneDNN (onednn-cpu-gomp)"),
+    ):
+        if not os.path.exists(path):
+            return (
+                f"model.kernels=onednn: {what} not found at {path}; pip install -r requirements.txt"
+            )
+    if _compiler() is None:
+        return (
+            "model.kernels=onednn needs a C++ compiler (g++, or $CXX) to build csrc/onednn_conv.cc"
+        )
+    return None
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "alexnet_jax")
+
+
+def build() -> str:
+    """The compiled library's path, compiling it first if this source, jaxlib and oneDNN have not
+    been compiled together before (a few seconds). Written under a temporary name and renamed, so
+    that processes building at once never load a half-written file."""
+    problem = missing()
+    if problem:
+        raise RuntimeError(problem)
+    root, include = prefix(), jax.ffi.include_dir()
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read() + f"{jax.__version__}|{include}|{root}".encode())
+    out = os.path.join(cache_dir(), f"onednn_conv-{digest.hexdigest()[:16]}.so")
+    if os.path.exists(out):
+        return out
+    os.makedirs(cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    lib = os.path.join(root, "lib")
+    cmd = [
+        str(_compiler()), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE,
+        f"-I{include}", f"-I{os.path.join(root, 'include')}", f"-L{lib}", "-ldnnl",
+        f"-Wl,-rpath,{lib}", "-o", tmp,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"building {SOURCE} failed:\n{result.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def load() -> str:
+    """Builds (if needed) and registers the FFI targets once per process; the library's path."""
+    with _lock:
+        if not _loaded:
+            path = build()
+            lib = ctypes.cdll.LoadLibrary(path)
+            for name in TARGETS:
+                capsule = jax.ffi.pycapsule(getattr(lib, name))
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+            _loaded.append(path)
+    return _loaded[0]
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
+    """`lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))` on oneDNN; float32 only."""
+    return _forward(x, kernel, stride, pad)[0]
+
+
+def _used(x: Array, kernel: Array, stride: int, pad: int) -> Array:
+    """x without the rows and columns no window reaches (oneDNN takes no negative padding)."""
+    h, w = x.shape[1:3]
+    kh, kw = kernel.shape[:2]
+    need_h = (_out_size(h, kh, stride, pad) - 1) * stride + kh - pad
+    need_w = (_out_size(w, kw, stride, pad) - 1) * stride + kw - pad
+    return x[:, : min(h, need_h), : min(w, need_w)]
+
+
+def _forward(x: Array, kernel: Array, stride: int, pad: int):
+    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        raise TypeError(f"onednn.conv takes float32; got {x.dtype} and {kernel.dtype}")
+    load()
+    n, h, w, _ = x.shape
+    kh, kw, _, o = kernel.shape
+    shape = (n, _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad), o)
+    used = _used(x, kernel, stride, pad)
+    y = jax.ffi.ffi_call(
+        TARGETS[0], jax.ShapeDtypeStruct(shape, x.dtype), vmap_method="sequential"
+    )(used, kernel, stride=stride, pad=pad)
+    return y, (x, kernel)
+
+
+def _backward(stride: int, pad: int, residuals, g: Array):
+    x, kernel = residuals
+    used = _used(x, kernel, stride, pad)
+    attrs = dict(stride=stride, pad=pad)
+    dx = jax.ffi.ffi_call(
+        TARGETS[1], jax.ShapeDtypeStruct(used.shape, x.dtype), vmap_method="sequential"
+    )(g, kernel, **attrs)
+    dk = jax.ffi.ffi_call(
+        TARGETS[2], jax.ShapeDtypeStruct(kernel.shape, kernel.dtype), vmap_method="sequential"
+    )(used, g, **attrs)
+    if used.shape != x.shape:  # the rows no window reached get no gradient
+        widths = [(0, a - b, 0) for a, b in zip(x.shape, used.shape, strict=True)]
+        dx = lax.pad(dx, jnp.zeros((), dx.dtype), widths)
+    return dx, dk
+
+
+conv.defvjp(_forward, _backward)
