@@ -296,7 +296,7 @@ class GroupedConv(nn.Module):
     dtype: Any = jnp.float32
     split: bool = True  # False: one `feature_group_count` convolution (model.kernels='portable')
     upcast: bool = False  # bfloat16 computed in float32 from its rounded operands (`Upcast`)
-    onednn: bool = False  # the convolutions on oneDNN (model.kernels='onednn'; float32 arithmetic)
+    onednn: bool = False  # the convolutions on oneDNN (model.kernels='onednn')
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -310,7 +310,11 @@ class GroupedConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         op = Upcast(self.dtype, self.upcast)
-        x, kernel = op.operand(x), op.operand(kernel)
+        # bf16 on a CPU with bf16 units: oneDNN's bf16 convolutions round the operands themselves.
+        native = self.onednn and op.on and onednn.native_bf16()
+        x, kernel = (
+            (x.astype(jnp.float32), kernel) if native else (op.operand(x), op.operand(kernel))
+        )
         pad = [(self.padding, self.padding)] * 2
         dims = ("NHWC", "HWIO", "NHWC")
         strides = (self.strides, self.strides)
@@ -322,7 +326,7 @@ class GroupedConv(nn.Module):
 
         def conv(x: Array, kernel: Array) -> Array:
             if self.onednn:
-                return onednn.conv(x, kernel, self.strides, self.padding)
+                return onednn.conv(x, kernel, self.strides, self.padding, native)
             return lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=dims)
 
         outs = [
@@ -334,7 +338,8 @@ class GroupedConv(nn.Module):
             )
         ]
         y = outs[0] if self.groups == 1 else jnp.concatenate(outs, axis=-1)
-        return op.result(y + bias.astype(y.dtype))
+        y = y + bias.astype(y.dtype)
+        return y if native else op.result(y)
 
 
 def adaptive_avg_pool(x: Array, size: int) -> Array:

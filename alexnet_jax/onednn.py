@@ -30,6 +30,7 @@ Array = jax.Array
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")
 TARGETS = ("OnednnConvForward", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
+TARGETS_BF16 = tuple(f"{name}Bf16" for name in TARGETS)
 _lock = threading.Lock()
 _loaded: list[str] = []  # the path of the registered library, once loaded
 
@@ -105,22 +106,39 @@ def load() -> str:
         if not _loaded:
             path = build()
             lib = ctypes.cdll.LoadLibrary(path)
-            for name in TARGETS:
+            for name in TARGETS + TARGETS_BF16:
                 capsule = jax.ffi.pycapsule(getattr(lib, name))
                 jax.ffi.register_ffi_target(name, capsule, platform="cpu")
             _loaded.append(path)
     return _loaded[0]
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16), where oneDNN's
+    bf16 convolutions are faster than float32 ones; elsewhere they would be emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: Array, kernel: Array, stride: int, pad: int, bf16: bool = False) -> Array:
     """`lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
-    dimension_numbers=("NHWC", "HWIO", "NHWC"))` on oneDNN; float32 only."""
-    return _forward(x, kernel, stride, pad)[0]
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))` on oneDNN, for float32 x and kernel.
+
+    With `bf16`, what a bfloat16 matrix unit computes (the bf16 model's `precision.Upcast`
+    arithmetic, on oneDNN's bf16 kernels): x, the kernel and, backward, the output's gradient
+    rounded to bfloat16; the output and both gradients float32.
+    """
+    return _forward(x, kernel, stride, pad, bf16)[0]
 
 
 def _used(x: Array, kernel: Array, stride: int, pad: int) -> Array:
@@ -132,30 +150,32 @@ def _used(x: Array, kernel: Array, stride: int, pad: int) -> Array:
     return x[:, : min(h, need_h), : min(w, need_w)]
 
 
-def _forward(x: Array, kernel: Array, stride: int, pad: int):
+def _call(target: str, shape: tuple[int, ...], *args: Array, stride: int, pad: int) -> Array:
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)  # every result is float32
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, stride=stride, pad=pad)
+
+
+def _forward(x: Array, kernel: Array, stride: int, pad: int, bf16: bool):
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise TypeError(f"onednn.conv takes float32; got {x.dtype} and {kernel.dtype}")
     load()
+    if bf16:  # kept in bf16 for the backward too: half the bytes of float32 residuals
+        x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     n, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
     shape = (n, _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad), o)
-    used = _used(x, kernel, stride, pad)
-    y = jax.ffi.ffi_call(
-        TARGETS[0], jax.ShapeDtypeStruct(shape, x.dtype), vmap_method="sequential"
-    )(used, kernel, stride=stride, pad=pad)
+    target = (TARGETS_BF16 if bf16 else TARGETS)[0]
+    y = _call(target, shape, _used(x, kernel, stride, pad), kernel, stride=stride, pad=pad)
     return y, (x, kernel)
 
 
-def _backward(stride: int, pad: int, residuals, g: Array):
-    x, kernel = residuals
+def _backward(stride: int, pad: int, bf16: bool, residuals, g: Array):
+    x, kernel = residuals  # bf16 already with `bf16`
     used = _used(x, kernel, stride, pad)
-    attrs = dict(stride=stride, pad=pad)
-    dx = jax.ffi.ffi_call(
-        TARGETS[1], jax.ShapeDtypeStruct(used.shape, x.dtype), vmap_method="sequential"
-    )(g, kernel, **attrs)
-    dk = jax.ffi.ffi_call(
-        TARGETS[2], jax.ShapeDtypeStruct(kernel.shape, kernel.dtype), vmap_method="sequential"
-    )(used, g, **attrs)
+    g = g.astype(x.dtype)
+    targets = TARGETS_BF16 if bf16 else TARGETS
+    dx = _call(targets[1], used.shape, g, kernel, stride=stride, pad=pad)
+    dk = _call(targets[2], kernel.shape, used, g, stride=stride, pad=pad)
     if used.shape != x.shape:  # the rows no window reached get no gradient
         widths = [(0, a - b, 0) for a, b in zip(x.shape, used.shape, strict=True)]
         dx = lax.pad(dx, jnp.zeros((), dx.dtype), widths)

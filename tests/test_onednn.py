@@ -60,6 +60,43 @@ def test_conv_value_and_gradients_equal_xla(shape, kernel, features, stride, pad
         np.testing.assert_allclose(b, a, atol=2e-6 * scale, rtol=0, err_msg=what)
 
 
+@pytest.mark.parametrize(
+    "shape,kernel,features,stride,pad", [((2, 23, 19, 3), 11, 8, 4, 2), ((3, 7, 9, 4), 3, 5, 1, 1)]
+)
+def test_bf16_conv_is_xla_on_bf16_rounded_operands(shape, kernel, features, stride, pad):
+    """`bf16=True`: the float32 convolution of the bf16-rounded x and kernel, and its gradients
+    from the bf16-rounded output gradient (what a bf16 matrix unit with a float32 accumulator
+    computes); float32 results and gradients."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], features))
+    r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+
+    def xla(x, k):
+        return lax.conv_general_dilated(
+            x, k, (stride, stride), [(pad, pad)] * 2, dimension_numbers=DIMS
+        )
+
+    y = jax.jit(lambda x, k: onednn.conv(x, k, stride, pad, True))(x, k)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    dx, dk = jax.jit(
+        lambda x, k, g: jax.vjp(lambda x, k: onednn.conv(x, k, stride, pad, True), x, k)[1](g)
+    )(x, k, g)
+    want_y, vjp = jax.vjp(xla, r(x), r(k))
+    want_dx, want_dk = vjp(r(g))
+    assert y.dtype == dx.dtype == dk.dtype == jnp.float32
+    for a, b in ((want_y, y), (want_dx, dx), (want_dk, dk)):
+        np.testing.assert_allclose(b, a, atol=2e-6 * float(jnp.max(jnp.abs(a))), rtol=0)
+
+
+def test_the_bf16_model_uses_the_bf16_kernels_where_the_cpu_has_them():
+    kw = dict(num_classes=10, conv_features=(8, 16, 16, 16, 16), dense_features=32, groups=2)
+    model = AlexNet(**kw, kernels="onednn", dtype=jnp.bfloat16)
+    x = jnp.zeros((2, 67, 67, 3))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
+    text = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=False))(params))
+    assert ("OnednnConvForwardBf16" in text) == onednn.native_bf16()
+
+
 def test_conv_refuses_other_dtypes():
     x = jnp.zeros((1, 8, 8, 3), jnp.bfloat16)
     with pytest.raises(TypeError, match="float32"):

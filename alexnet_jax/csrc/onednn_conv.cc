@@ -33,9 +33,13 @@ dnnl::engine& Engine() {
 }
 
 // Geometry of one convolution: x (n, h, w, c), kernel (kh, kw, c, o), y (n, oh, ow, o).
+// bf16: the operands (x, the kernel, the output's gradient) are bfloat16 and every result float32:
+// what a bfloat16 matrix unit computes, on oneDNN's AVX512-BF16 or AMX kernels.
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, pad;
-  auto Key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, stride, pad); }
+  bool bf16;
+  auto Key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, stride, pad, bf16); }
+  dt In() const { return bf16 ? dt::bf16 : dt::f32; }
   memory::dims Src() const { return {n, c, h, w}; }
   memory::dims Wei() const { return {o, c, kh, kw}; }
   memory::dims Dst() const { return {n, o, oh, ow}; }
@@ -62,17 +66,23 @@ Plan& GetPlan(const Geometry& g) {
   auto& slot = plans[g.Key()];
   if (!slot) {
     auto& eng = Engine();
-    memory::desc src(g.Src(), dt::f32, tag::nhwc), dst(g.Dst(), dt::f32, tag::nhwc);
-    memory::desc wei(g.Wei(), dt::f32, tag::any);
+    auto conv_algo = dnnl::algorithm::convolution_direct;
+    memory::desc src(g.Src(), g.In(), tag::nhwc), dst_in(g.Dst(), g.In(), tag::nhwc);
+    memory::desc wei(g.Wei(), g.In(), tag::any);
+    memory::desc dst(g.Dst(), dt::f32, tag::nhwc), diff_src(g.Src(), dt::f32, tag::nhwc);
+    memory::desc diff_wei(g.Wei(), dt::f32, tag::any);
     auto fwd = dnnl::convolution_forward::primitive_desc(
-        eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, wei,
-        dst, g.Strides(), g.PadL(), g.PadR());
+        eng, dnnl::prop_kind::forward_training, conv_algo, src, wei, dst, g.Strides(), g.PadL(),
+        g.PadR());
+    // The backward passes' hint: a forward whose output has the operands' type, as in training.
+    auto hint = g.bf16 ? dnnl::convolution_forward::primitive_desc(
+                             eng, dnnl::prop_kind::forward_training, conv_algo, src, wei, dst_in,
+                             g.Strides(), g.PadL(), g.PadR())
+                       : fwd;
     auto bd = dnnl::convolution_backward_data::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, src, wei, dst, g.Strides(), g.PadL(), g.PadR(),
-        fwd);
+        eng, conv_algo, diff_src, wei, dst_in, g.Strides(), g.PadL(), g.PadR(), hint);
     auto bw = dnnl::convolution_backward_weights::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, src, wei, dst, g.Strides(), g.PadL(), g.PadR(),
-        fwd);
+        eng, conv_algo, src, diff_wei, dst_in, g.Strides(), g.PadL(), g.PadR(), hint);
     slot.reset(new Plan{fwd, bd, bw, dnnl::convolution_forward(fwd),
                         dnnl::convolution_backward_data(bd),
                         dnnl::convolution_backward_weights(bw)});
@@ -81,13 +91,13 @@ Plan& GetPlan(const Geometry& g) {
 }
 
 Geometry Geom(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
-              int64_t stride, int64_t pad) {
-  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], stride, pad};
+              int64_t stride, int64_t pad, bool bf16) {
+  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], stride, pad, bf16};
 }
 
 // The kernel in HWIO (o, i, h, w logical) and, if the primitive wants another layout, a copy.
-memory UserKernel(const Geometry& g, void* data) {
-  return memory({g.Wei(), dt::f32, tag::hwio}, Engine(), data);
+memory UserKernel(const Geometry& g, dt type, void* data) {
+  return memory({g.Wei(), type, tag::hwio}, Engine(), data);
 }
 
 memory AsWanted(const memory& user, const memory::desc& wanted, dnnl::stream& s) {
@@ -97,16 +107,18 @@ memory AsWanted(const memory& user, const memory::desc& wanted, dnnl::stream& s)
   return m;
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad) {
+template <ffi::DataType T>
+ffi::Error Forward(ffi::Buffer<T> x, ffi::Buffer<T> k, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t stride, int64_t pad) {
   try {
-    Geometry g = Geom(x.dimensions(), k.dimensions(), y->dimensions(), stride, pad);
+    Geometry g = Geom(x.dimensions(), k.dimensions(), y->dimensions(), stride, pad,
+                      T == ffi::DataType::BF16);
     std::lock_guard<std::mutex> exec_lock(ExecMutex());
     Plan& p = GetPlan(g);
     dnnl::stream s(Engine());
-    memory src(p.fwd.src_desc(), Engine(), x.typed_data());
-    memory dst(p.fwd.dst_desc(), Engine(), y->typed_data());
-    memory wei = AsWanted(UserKernel(g, k.typed_data()), p.fwd.weights_desc(), s);
+    memory src(p.fwd.src_desc(), Engine(), x.untyped_data());
+    memory dst(p.fwd.dst_desc(), Engine(), y->untyped_data());
+    memory wei = AsWanted(UserKernel(g, g.In(), k.untyped_data()), p.fwd.weights_desc(), s);
     p.fwd_prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
     s.wait();
   } catch (const dnnl::error& e) {
@@ -115,16 +127,18 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad) {
+template <ffi::DataType T>
+ffi::Error BackwardData(ffi::Buffer<T> dy, ffi::Buffer<T> k, ffi::ResultBuffer<ffi::F32> dx,
+                        int64_t stride, int64_t pad) {
   try {
-    Geometry g = Geom(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, pad);
+    Geometry g = Geom(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, pad,
+                      T == ffi::DataType::BF16);
     std::lock_guard<std::mutex> exec_lock(ExecMutex());
     Plan& p = GetPlan(g);
     dnnl::stream s(Engine());
-    memory diff_dst(p.bwd_data.diff_dst_desc(), Engine(), dy.typed_data());
-    memory diff_src(p.bwd_data.diff_src_desc(), Engine(), dx->typed_data());
-    memory wei = AsWanted(UserKernel(g, k.typed_data()), p.bwd_data.weights_desc(), s);
+    memory diff_dst(p.bwd_data.diff_dst_desc(), Engine(), dy.untyped_data());
+    memory diff_src(p.bwd_data.diff_src_desc(), Engine(), dx->untyped_data());
+    memory wei = AsWanted(UserKernel(g, g.In(), k.untyped_data()), p.bwd_data.weights_desc(), s);
     p.bwd_data_prim.execute(
         s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
     s.wait();
@@ -134,16 +148,18 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dk, int64_t stride, int64_t pad) {
+template <ffi::DataType T>
+ffi::Error BackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<ffi::F32> dk,
+                           int64_t stride, int64_t pad) {
   try {
-    Geometry g = Geom(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, pad);
+    Geometry g = Geom(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, pad,
+                      T == ffi::DataType::BF16);
     std::lock_guard<std::mutex> exec_lock(ExecMutex());
     Plan& p = GetPlan(g);
     dnnl::stream s(Engine());
-    memory src(p.bwd_weights.src_desc(), Engine(), x.typed_data());
-    memory diff_dst(p.bwd_weights.diff_dst_desc(), Engine(), dy.typed_data());
-    memory user = UserKernel(g, dk->typed_data());
+    memory src(p.bwd_weights.src_desc(), Engine(), x.untyped_data());
+    memory diff_dst(p.bwd_weights.diff_dst_desc(), Engine(), dy.untyped_data());
+    memory user = UserKernel(g, dt::f32, dk->untyped_data());
     bool direct = user.get_desc() == p.bwd_weights.diff_weights_desc();
     memory diff_wei = direct ? user : memory(p.bwd_weights.diff_weights_desc(), Engine());
     p.bwd_weights_prim.execute(
@@ -158,24 +174,18 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+#define ONEDNN_CONV_HANDLER(name, impl, type)             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl<type>,          \
+                                ffi::Ffi::Bind()           \
+                                    .Arg<ffi::Buffer<type>>() \
+                                    .Arg<ffi::Buffer<type>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>() \
+                                    .Attr<int64_t>("stride") \
+                                    .Attr<int64_t>("pad"));
+
+ONEDNN_CONV_HANDLER(OnednnConvForward, Forward, ffi::F32)
+ONEDNN_CONV_HANDLER(OnednnConvBackwardData, BackwardData, ffi::F32)
+ONEDNN_CONV_HANDLER(OnednnConvBackwardWeights, BackwardWeights, ffi::F32)
+ONEDNN_CONV_HANDLER(OnednnConvForwardBf16, Forward, ffi::BF16)
+ONEDNN_CONV_HANDLER(OnednnConvBackwardDataBf16, BackwardData, ffi::BF16)
+ONEDNN_CONV_HANDLER(OnednnConvBackwardWeightsBf16, BackwardWeights, ffi::BF16)
