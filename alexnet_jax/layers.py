@@ -2,7 +2,8 @@
 
 - `local_response_norm`: section 3.3, with both alpha conventions of the anchors.
 - `max_pool`: overlapping pooling (section 3.4) with its gradient written for XLA:CPU.
-- `GroupedConv`: the two GPU columns of figure 2 as one layer with `groups` kernel blocks.
+- `GroupedConv`: the two GPU columns of figure 2 as one layer with `groups` kernel blocks, its
+  convolutions on XLA or on oneDNN (`onednn.py`, model.kernels='onednn').
 - `adaptive_avg_pool`: torchvision's 6x6 pool before fc6 (its preset only).
 
 Each fast form has a test that it equals the plain form (tests/test_model_speedforms.py).

@@ -4,7 +4,8 @@
 has no bfloat16 convolution or matmul (`cpu_flags.bf16_upcast`): it computes them in float32
 between converts. `Upcast` writes that arithmetic out instead, with a bfloat16 unit's rounding
 points (operands rounded, float32 accumulation) and no bfloat16 storage between the layers
-(README, "Performance").
+(README, "Performance"). With model.kernels='onednn' on a CPU with bf16 units, the
+convolutions compute the same on oneDNN's bf16 kernels instead (`onednn.conv`).
 """
 
 from __future__ import annotations
