@@ -52,6 +52,7 @@ from alexnet_jax import config as config_lib
 from alexnet_jax import costs, cpu_flags, onednn, steps
 from alexnet_jax.data import make_source
 from alexnet_jax.errors import UsageError
+from alexnet_jax.layers import resolve_kernels
 from alexnet_jax.model import DTYPES, abstract_params, from_config
 from alexnet_jax.parallel import PLANS
 
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
         peaks[dtype] = costs.matmul_peak_gflops(jnp.dtype(dtype), n)
         print(f"matmul peak ({dtype}, {n}^3, best of 8): {peaks[dtype]:.1f} GFLOP/s", flush=True)
     upcast = "bfloat16" in args.dtypes and cpu_flags.bf16_upcast()
-    if upcast and base.model.kernels == "onednn" and onednn.native_bf16():
+    kernels = resolve_kernels(base.model.kernels)
+    if upcast and kernels == "onednn" and onednn.native_bf16():
         print(
             "note: XLA:CPU computes bfloat16 matmuls in float32; with model.kernels=onednn the "
             "convolutions run on oneDNN's bf16 kernels (this CPU has bf16 units), so the bf16 "
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> list[dict[str, A
             "note: this backend computes bfloat16 convolutions and matmuls in float32 (XLA:CPU "
             "converts around each one; no AMX-BF16 kernels): bfloat16 saves no arithmetic here "
             "and costs the converts. On CPUs, train in float32, or in bfloat16 with "
-            "--config.model.kernels=onednn where the CPU has bf16 units (AVX512-BF16, AMX).",
+            "model.kernels=onednn on a CPU with bf16 units (AVX512-BF16, AMX).",
             flush=True,
         )
     if args.parallel_modes:

@@ -229,17 +229,20 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 # model.kernels: 'cpu' = the formulations above (split groups, the pooled-grid max-pool gradient),
 # fast on XLA:CPU; 'onednn' = the same with the convolutions on oneDNN (onednn.py; CPU only,
-# another 1.19x); 'portable' = XLA's native forms (feature_group_count, select_and_scatter), which
-# GPU and TPU backends lower to their own kernels; 'auto' picks 'cpu' or 'portable' by backend.
+# another 1.16x); 'portable' = XLA's native forms (feature_group_count, select_and_scatter), which
+# GPU and TPU backends lower to their own kernels; 'auto' = 'onednn' on a CPU where it builds,
+# else 'cpu'; 'portable' on GPUs and TPUs.
 KERNELS = ("auto", "portable", "cpu", "onednn")
 CPU_FORMS = ("cpu", "onednn")  # the resolved choices that use the CPU formulations above
 
 
 def resolve_kernels(choice: str) -> str:
-    """'cpu', 'onednn' or 'portable' for `model.kernels` (auto: 'cpu' on a CPU backend, else
-    'portable')."""
+    """'cpu', 'onednn' or 'portable' for `model.kernels` (auto: 'onednn' on a CPU backend where
+    oneDNN's convolutions build, else 'cpu'; 'portable' on other backends)."""
     if choice == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "portable"
+        if jax.default_backend() != "cpu":
+            return "portable"
+        return "onednn" if onednn.usable() else "cpu"
     return choice
 
 

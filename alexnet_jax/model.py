@@ -151,7 +151,9 @@ class AlexNet(nn.Module):
             self.dtype,
             split=self.kernels in CPU_FORMS,
             upcast=self.kernels in CPU_FORMS,
-            onednn=self.kernels == "onednn",
+            # Not inside the model-parallel shard_map steps: FFI results there carry no
+            # varying-axes type, which the custom VJP must return (XLA's convolutions there).
+            onednn=self.kernels == "onednn" and self.layout is None,
             name=name,
         )
 

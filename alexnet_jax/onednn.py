@@ -21,6 +21,7 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,20 @@ def native_bf16() -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def usable() -> bool:
+    """Whether oneDNN's convolutions can run in this process: built (or cached) and registered.
+    model.kernels='auto' takes them on a CPU when they can; a failed build says why, once."""
+    if missing() is not None:
+        return False
+    try:
+        load()
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"model.kernels=auto: XLA's convolutions; oneDNN's: {e}", stacklevel=2)
+        return False
+    return True
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:

@@ -1,7 +1,7 @@
 """Mixed precision on XLA:CPU: what a bfloat16 matrix unit computes, written out in float32.
 
-`model.dtype=bfloat16` with `model.kernels=cpu` (the default on a CPU). XLA:CPU in jaxlib 0.10
-has no bfloat16 convolution or matmul (`cpu_flags.bf16_upcast`): it computes them in float32
+`model.dtype=bfloat16` with the CPU kernel forms (model.kernels cpu or onednn). XLA:CPU in jaxlib
+0.10 has no bfloat16 convolution or matmul (`cpu_flags.bf16_upcast`): it computes them in float32
 between converts. `Upcast` writes that arithmetic out instead, with a bfloat16 unit's rounding
 points (operands rounded, float32 accumulation) and no bfloat16 storage between the layers
 (README, "Performance"). With model.kernels='onednn' on a CPU with bf16 units, the
