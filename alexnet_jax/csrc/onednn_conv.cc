@@ -8,7 +8,6 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
-#include <vector>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -19,13 +18,6 @@ using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
 namespace {
-
-// One oneDNN call at a time: each runs its own OpenMP team over all cores, and XLA:CPU may call
-// two at once from its thread pool.
-std::mutex& ExecMutex() {
-  static std::mutex mu;
-  return mu;
-}
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -59,10 +51,9 @@ struct Plan {
   dnnl::convolution_backward_weights bwd_weights_prim;
 };
 
+// Only called under Run's lock.
 Plan& GetPlan(const Geometry& g) {
-  static std::mutex mu;
   static std::map<decltype(g.Key()), std::unique_ptr<Plan>> plans;
-  std::lock_guard<std::mutex> lock(mu);
   auto& slot = plans[g.Key()];
   if (!slot) {
     auto& eng = Engine();
@@ -90,9 +81,11 @@ Plan& GetPlan(const Geometry& g) {
   return *slot;
 }
 
+template <ffi::DataType T>
 Geometry Geom(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
-              int64_t stride, int64_t pad, bool bf16) {
-  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], stride, pad, bf16};
+              int64_t stride, int64_t pad) {
+  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], stride, pad,
+                  T == ffi::DataType::BF16};
 }
 
 // The kernel in HWIO (o, i, h, w logical) and, if the primitive wants another layout, a copy.
@@ -107,56 +100,54 @@ memory AsWanted(const memory& user, const memory::desc& wanted, dnnl::stream& s)
   return m;
 }
 
-template <ffi::DataType T>
-ffi::Error Forward(ffi::Buffer<T> x, ffi::Buffer<T> k, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t stride, int64_t pad) {
+// One primitive call with g's plan: one call at a time (each runs its own OpenMP team over all
+// cores, and XLA:CPU may call two at once from its thread pool), and oneDNN's errors, C++
+// exceptions, returned as FFI errors instead of crossing into XLA.
+template <typename Body>
+ffi::Error Run(const Geometry& g, Body body) {
+  static std::mutex mu;
   try {
-    Geometry g = Geom(x.dimensions(), k.dimensions(), y->dimensions(), stride, pad,
-                      T == ffi::DataType::BF16);
-    std::lock_guard<std::mutex> exec_lock(ExecMutex());
+    std::lock_guard<std::mutex> lock(mu);
     Plan& p = GetPlan(g);
     dnnl::stream s(Engine());
-    memory src(p.fwd.src_desc(), Engine(), x.untyped_data());
-    memory dst(p.fwd.dst_desc(), Engine(), y->untyped_data());
-    memory wei = AsWanted(UserKernel(g, g.In(), k.untyped_data()), p.fwd.weights_desc(), s);
-    p.fwd_prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    body(p, s);
     s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
   }
   return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+ffi::Error Forward(ffi::Buffer<T> x, ffi::Buffer<T> k, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t stride, int64_t pad) {
+  Geometry g = Geom<T>(x.dimensions(), k.dimensions(), y->dimensions(), stride, pad);
+  return Run(g, [&](Plan& p, dnnl::stream& s) {
+    memory src(p.fwd.src_desc(), Engine(), x.untyped_data());
+    memory dst(p.fwd.dst_desc(), Engine(), y->untyped_data());
+    memory wei = AsWanted(UserKernel(g, g.In(), k.untyped_data()), p.fwd.weights_desc(), s);
+    p.fwd_prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+  });
 }
 
 template <ffi::DataType T>
 ffi::Error BackwardData(ffi::Buffer<T> dy, ffi::Buffer<T> k, ffi::ResultBuffer<ffi::F32> dx,
                         int64_t stride, int64_t pad) {
-  try {
-    Geometry g = Geom(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, pad,
-                      T == ffi::DataType::BF16);
-    std::lock_guard<std::mutex> exec_lock(ExecMutex());
-    Plan& p = GetPlan(g);
-    dnnl::stream s(Engine());
+  Geometry g = Geom<T>(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, pad);
+  return Run(g, [&](Plan& p, dnnl::stream& s) {
     memory diff_dst(p.bwd_data.diff_dst_desc(), Engine(), dy.untyped_data());
     memory diff_src(p.bwd_data.diff_src_desc(), Engine(), dx->untyped_data());
     memory wei = AsWanted(UserKernel(g, g.In(), k.untyped_data()), p.bwd_data.weights_desc(), s);
     p.bwd_data_prim.execute(
         s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
-  }
-  return ffi::Error::Success();
+  });
 }
 
 template <ffi::DataType T>
 ffi::Error BackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<ffi::F32> dk,
                            int64_t stride, int64_t pad) {
-  try {
-    Geometry g = Geom(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, pad,
-                      T == ffi::DataType::BF16);
-    std::lock_guard<std::mutex> exec_lock(ExecMutex());
-    Plan& p = GetPlan(g);
-    dnnl::stream s(Engine());
+  Geometry g = Geom<T>(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, pad);
+  return Run(g, [&](Plan& p, dnnl::stream& s) {
     memory src(p.bwd_weights.src_desc(), Engine(), x.untyped_data());
     memory diff_dst(p.bwd_weights.diff_dst_desc(), Engine(), dy.untyped_data());
     memory user = UserKernel(g, dt::f32, dk->untyped_data());
@@ -165,11 +156,7 @@ ffi::Error BackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffe
     p.bwd_weights_prim.execute(
         s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
     if (!direct) dnnl::reorder(diff_wei, user).execute(s, diff_wei, user);
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace
